@@ -1,0 +1,32 @@
+"""mediclip_jax: few-shot medical anomaly detection (MediCLIP) in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mediclip_jax",
+    version="0.1.0",
+    description="MediCLIP few-shot medical anomaly detection with on-device anomaly synthesis, in JAX/Flax NNX.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mediclip_jax", "mediclip_jax.*", "data_pipelines", "data_pipelines.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "ml_collections",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        # Reference implementations for parity tests; torch pinned to the CPU build that is available offline.
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            "transformers",
+            "diffusers",
+            "ftfy",
+            "regex",
+            "opencv-python-headless",
+            "scikit-learn",
+        ],
+    },
+)
