@@ -15,6 +15,8 @@ setup(
         "ml_collections",
         "numpy",
         "pillow",
+        "ftfy",  # CLIP tokenizer text cleaning, as OpenAI/open_clip
+        "regex",  # \p{L}/\p{N} classes of the CLIP pre-tokenizer
     ],
     extras_require={
         # Reference implementations for parity tests; torch pinned to the CPU build that is available offline.
@@ -23,8 +25,6 @@ setup(
             "torch==2.13.0",
             "transformers",
             "diffusers",
-            "ftfy",
-            "regex",
             "opencv-python-headless",
             "scikit-learn",
         ],

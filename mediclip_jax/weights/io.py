@@ -76,7 +76,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   blobs, offset = [], 0
   for name in sorted(tensors):
-    a = np.ascontiguousarray(np.asarray(tensors[name]))
+    a = np.asarray(tensors[name], order="C")  # keeps 0-d scalars 0-d
     if a.dtype.newbyteorder("<") != a.dtype and a.dtype.byteorder == ">":
       a = a.astype(a.dtype.newbyteorder("<"))
     dt = _ST_NAMES.get(np.dtype(a.dtype))
