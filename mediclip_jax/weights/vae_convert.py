@@ -68,7 +68,7 @@ def assign_torch_state(model: nnx.Module, tensors: Mapping[str, np.ndarray], sou
   for p, v in nnx.to_flat_state(state):
     a = np.asarray(tensors[torch_key(p)], dtype=np.float32)
     a = _to_flax(a, a.ndim)
-    flat.append((p, v.replace(jnp.asarray(a, dtype=v.value.dtype))))
+    flat.append((p, v.replace(jnp.asarray(a, dtype=v.get_value().dtype))))
   nnx.update(model, nnx.from_flat_state(flat))
 
 
