@@ -300,3 +300,27 @@ def save_clip(model: CLIP, directory: str | os.PathLike) -> None:
                        metadata={"format": "mediclip_jax.clip", "version": "1"})
   with open(os.path.join(directory, OWN_CONFIG), "w") as f:
     json.dump(model.cfg.to_dict(), f, indent=2)
+
+
+def clip_from_config(c) -> CLIP:
+  """The backbone a config's `model.clip` section describes: converted weights, or random init.
+
+  With a checkpoint, the named `variant` must agree with the checkpoint's architecture (the
+  image size may differ: position embeddings are resampled at run time).
+  """
+  from mediclip_jax.models.clip import get_variant  # pylint: disable=import-outside-toplevel
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(c.dtype)
+  if dtype is None:
+    raise ValueError(f"model.clip.dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
+  overrides = {"act": c.act} if c.act else {}
+  if not c.checkpoint:
+    return create_clip(get_variant(c.variant, **overrides), seed=c.random_init_seed, dtype=dtype)
+  model = load_clip(c.checkpoint, act=c.act, dtype=dtype)
+  expected = get_variant(c.variant, **overrides)
+  got = model.cfg
+  fields = ("vision_width", "vision_layers", "patch_size", "text_width", "text_layers", "embed_dim")
+  diff = [f"{f}: variant {getattr(expected, f)} vs checkpoint {getattr(got, f)}"
+          for f in fields if getattr(expected, f) != getattr(got, f)]
+  if diff:
+    raise CheckpointError(f"{c.checkpoint}: does not match model.clip.variant={c.variant!r} ({'; '.join(diff)})")
+  return model
