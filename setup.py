@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="MediCLIP few-shot medical anomaly detection with on-device anomaly synthesis, in JAX/Flax NNX.",
     python_requires=">=3.11",
+    package_data={"mediclip_jax": ["assets/*.gz"]},
     packages=find_packages(include=["mediclip_jax", "mediclip_jax.*", "data_pipelines", "data_pipelines.*"]),
     install_requires=[
         "jax>=0.10",

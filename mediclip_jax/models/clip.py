@@ -276,3 +276,13 @@ class CLIP(nnx.Module):
 def create_clip(cfg: CLIPConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIP:
   """A randomly initialised CLIP (weights come from `mediclip_jax.weights.clip_convert`)."""
   return CLIP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_normalize(gray01: jax.Array) -> jax.Array:
+  """(…, H, W) grayscale in [0, 1] -> (…, H, W, 3) CLIP input (channels repeated, OpenAI mean/std)."""
+  x = jnp.asarray(gray01, jnp.float32)[..., None]
+  return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)

@@ -151,3 +151,13 @@ class Tokenizer:
     merges = sorted(self.bpe_ranks, key=self.bpe_ranks.get)
     with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
       f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+DEFAULT_BPE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
+
+
+def tokenizer_for(checkpoint: str | None = None, bpe_path: str | None = None) -> Tokenizer:
+  """The tokenizer of a checkpoint directory (vocab.json + merges.txt) if it has one, else the BPE file."""
+  if checkpoint and os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, "vocab.json")):
+    return Tokenizer(checkpoint)
+  return Tokenizer(bpe_path or DEFAULT_BPE)
