@@ -36,7 +36,8 @@ _FAST_SPAN = np.uint32(2**31 - 2)  # key - kmin + 1 must fit in 31 bits
 
 def _order_key(x: jax.Array) -> jax.Array:
   """float32 -> uint32 whose unsigned order equals the float order (finite values)."""
-  x = jnp.asarray(x, jnp.float32) + jnp.float32(0.0)  # -0.0 -> +0.0
+  x = jnp.asarray(x, jnp.float32)
+  x = jnp.where(x == 0, jnp.float32(0.0), x)  # -0.0 -> +0.0 (XLA folds x + 0.0 away)
   bits = lax.bitcast_convert_type(x, jnp.uint32)
   return jnp.where(bits >= _SIGN, ~bits, bits | _SIGN)
 
