@@ -52,7 +52,7 @@ def _anatomy(rng: np.random.Generator, size: int) -> dict:
       "rib_gap": 0.15 + j(0.015),
       "rib_curve": 0.42 + j(0.06),
       "lung_depth": 0.28 + j(0.04),
-      "heart_gain": 0.36 + j(0.04),
+      "heart_level": 0.80 + j(0.04),
       "drift_seed": int(rng.integers(2**31)),
   }
 
@@ -74,8 +74,8 @@ def _render(a: dict, size: int, rng: np.random.Generator, heart_scale: float = 1
   ribs *= _sigmoid((np.abs(u) - 0.09) / soft) * _sigmoid((0.5 - v) / 0.05) * _sigmoid((v + 0.75) / 0.05)
   img += 0.10 * ribs * body
   hu, hv, hau, hav = a["heart"]
-  heart_soft = _ellipse(u, v, hu, hv, hau * heart_scale, hav * heart_scale, 3 * soft)
-  img = img * (1 - heart_soft) + (0.06 + 0.40 + a["heart_gain"] - 0.1) * heart_soft
+  heart_soft = _ellipse(u, v, hu, hv, hau * heart_scale, hav * heart_scale, 1.5 * soft)
+  img = img * (1 - heart_soft) + a["heart_level"] * heart_soft
   spine = _sigmoid((0.07 - np.abs(u)) / soft) * (v > -0.9)
   vertebrae = 0.5 + 0.5 * np.cos(v * np.pi / 0.09)
   img += (0.08 + 0.05 * vertebrae) * spine * body
