@@ -43,6 +43,19 @@ def shard_for_process(batch, process_index: int | None = None, process_count: in
   return jax.tree_util.tree_map(lambda x: x[sl], batch)
 
 
+def process_eval_indices(n: int, process_index: int | None = None,
+                         process_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """This process's contiguous share of an eval set of n items, padded so every
+  process gets ceil(n / P) entries: (indices, valid), padding repeats index n-1."""
+  p = jax.process_index() if process_index is None else int(process_index)
+  count = jax.process_count() if process_count is None else int(process_count)
+  if count < 1 or not 0 <= p < count:
+    raise ValueError(f"process_index {p} must lie in [0, process_count={count})")
+  per = -(-n // count)
+  idx = np.arange(p * per, (p + 1) * per)
+  return np.minimum(idx, max(n - 1, 0)).astype(np.int64), idx < n
+
+
 def padded_batches(n: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields (indices, valid) of shape (batch_size,) covering 0..n-1 in order; the
   last batch repeats index n-1 as padding, marked invalid."""

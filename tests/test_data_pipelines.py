@@ -225,6 +225,9 @@ def test_process_slices():
     batches.process_slice(10, 0, 4)
   with pytest.raises(ValueError, match="process_index 4"):
     batches.process_slice(8, 4, 4)
+  parts = [batches.process_eval_indices(10, p, 3) for p in range(3)]
+  assert [i.tolist() for i, _ in parts] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 9, 9]]
+  assert parts[2][1].tolist() == [True, True, False, False]
   batch = {"x": np.arange(8), "y": np.arange(16).reshape(8, 2)}
   part = batches.shard_for_process(batch, 1, 2)
   assert part["x"].tolist() == [4, 5, 6, 7] and part["y"].shape == (4, 2)
