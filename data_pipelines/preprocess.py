@@ -6,20 +6,16 @@ Host side (PIL, for parity with the reference's antialiased resizes):
                   (the released images have R = G = B, and PIL's "L" weights sum to
                   exactly 1, so this is the single channel the reference feeds thrice)
   mask:           open -> "L" -> resize NEAREST -> != 0              (H, W) float32 {0, 1}
-Device side: `clip_normalize` repeats grayscale to 3 channels and applies the
-OpenAI CLIP mean/std, in jax.numpy so it runs inside the jitted step.
+The device side (grayscale -> 3-channel CLIP input) is `mediclip_jax.models.clip.clip_normalize`,
+which runs inside the jitted step.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _open(path: str | os.PathLike) -> Image.Image:
@@ -58,17 +54,6 @@ def load_images(paths: Sequence[str | os.PathLike], size: int = 224, train: bool
   if not paths:
     return np.zeros((0, size, size), np.float32)
   return np.stack([fn(p, size) for p in paths])
-
-
-def clip_normalize(gray01):
-  """(..., H, W) grayscale in [0, 1] -> (..., H, W, 3) CLIP-normalised input.
-
-  Written with jax.numpy so it traces into a jitted step; numpy inputs work too.
-  """
-  x = jnp.asarray(gray01, jnp.float32)[..., None]
-  mean = jnp.asarray(CLIP_MEAN, jnp.float32)
-  std = jnp.asarray(CLIP_STD, jnp.float32)
-  return (jnp.broadcast_to(x, x.shape[:-1] + (3,)) - mean) / std
 
 
 def otsu_threshold(gray: np.ndarray, bins: int = 256) -> float:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mediclip_jax.models.clip import CLIP_MEAN, CLIP_STD, clip_normalize
 from data_pipelines import batches, datasets, phantom, preprocess, support
 from data_pipelines.datasets import DatasetError
 
@@ -169,10 +170,10 @@ def test_mediclip_layout_errors(tmp_path):
 
 def test_clip_normalize_numpy_and_jit():
   g = np.array([[0.0, 1.0], [0.5, 0.25]], np.float32)
-  x = np.asarray(preprocess.clip_normalize(g))
+  x = np.asarray(clip_normalize(g))
   assert x.shape == (2, 2, 3)
-  np.testing.assert_allclose(x[0, 1], (1.0 - np.array(preprocess.CLIP_MEAN)) / np.array(preprocess.CLIP_STD), rtol=1e-6)
-  y = np.asarray(jax.jit(preprocess.clip_normalize)(g[None]))
+  np.testing.assert_allclose(x[0, 1], (1.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD), rtol=1e-6)
+  y = np.asarray(jax.jit(clip_normalize)(g[None]))
   np.testing.assert_allclose(y[0], x, rtol=1e-6)
 
 

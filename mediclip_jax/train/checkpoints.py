@@ -31,6 +31,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, metadata: dict, force: bool = False) -> bool:
+    """Starts an asynchronous save of a private copy of `state`.
+
+    The copy matters: the train step donates its state buffers, so without it the next step
+    could overwrite arrays the background writer is still reading.
+    """
+    state = jax.tree.map(lambda x: x.copy(), state)
     return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                            metadata=ocp.args.JsonSave(metadata)), force=force)
 
