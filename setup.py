@@ -28,6 +28,8 @@ setup(
             "diffusers",
             "opencv-python-headless",
             "scikit-learn",
+            "scipy",
+            "tensorboard",  # reads back our event files in tests
         ],
     },
 )
