@@ -255,7 +255,11 @@ def cutpaste(key: jax.Array, image: jax.Array, source: jax.Array,
 
   out, union = _repeat(key, image, cfg, once)
   changed = (jnp.abs(out - image) > float(cc.change_threshold)) & (union > 0)
+  # Changes below the threshold (invisible at uint8) are undone, so pixels outside the label are exact.
+  out = jnp.where(changed, out, image)
   label = close_and_fill(changed, union, int(cc.hole_fill_iters))
+  if fg is not None:
+    label = label * fg
   return out, label
 
 
