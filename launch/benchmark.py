@@ -17,6 +17,7 @@ unless --config.bench.stages=false. Any config field can be overridden (--config
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -236,10 +237,13 @@ def _time_mode(w: Workload, mode: str, jitted, frozen, next_batch, peak: float |
   if not np.isfinite(loss):
     raise FloatingPointError(f"mode {mode}: non-finite loss {loss} after {start + len(times)} steps")
   profile_dir = None
-  if profile_steps > 0 and parallel.is_main_process():
-    profile_dir = os.path.abspath(os.path.join(workdir, "profile", mode))
-    os.makedirs(profile_dir, exist_ok=True)
-    with jax.profiler.trace(profile_dir):
+  if profile_steps > 0:  # every process runs the steps (collectives); process 0 records them
+    trace = contextlib.nullcontext()
+    if parallel.is_main_process():
+      profile_dir = os.path.abspath(os.path.join(workdir, "profile", mode))
+      os.makedirs(profile_dir, exist_ok=True)
+      trace = jax.profiler.trace(profile_dir)
+    with trace:
       for j in range(profile_steps):
         i = start + len(times) + j
         with jax.profiler.StepTraceAnnotation(f"{mode}_step", step_num=i):

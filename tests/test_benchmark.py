@@ -219,3 +219,20 @@ def test_fed_step_equals_fused_step_on_the_same_data():
     np.testing.assert_allclose(np.asarray(m1[k]), np.asarray(m2[k]), rtol=1e-6, atol=1e-7, err_msg=k)
   jax.tree.map(lambda a, b_: np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-6, atol=1e-7),
                s1["params"], s2["params"])
+
+
+def test_vae_flops_match_xla_on_a_small_autoencoder():
+  """The AutoencoderKL formula against XLA's count on a small, non-SD shape (1 ResNet per block, 2 levels)."""
+  from flax import nnx
+  from mediclip_jax import flops
+  from mediclip_jax.models import vae as vae_lib
+  cfg = vae_lib.default_config()
+  cfg.kind, cfg.block_out_channels, cfg.layers_per_block, cfg.latent_channels = "autoencoder_kl", (32, 64), 1, 4
+  graphdef, state = nnx.split(vae_lib.build_vae(cfg))
+  x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  z = jnp.zeros((1, 32, 32, 4), jnp.float32)
+  xla = {name: jax.jit(lambda s, a, f=name: getattr(nnx.merge(graphdef, s), f)(a)).lower(state, arg).compile()
+         .cost_analysis()["flops"] for name, arg in (("encode", x), ("decode", z))}
+  expected = flops.autoencoder_kl_flops(64, (32, 64), layers_per_block=1, latent_channels=4)
+  for name in ("encode", "decode"):  # XLA skips the zero-padded taps at the borders: a few % below
+    assert 0.95 * expected[name] <= xla[name] <= 1.05 * expected[name], name
