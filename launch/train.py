@@ -7,7 +7,12 @@
 
 Re-running with the same --workdir resumes from its last checkpoint (SIGTERM writes one first).
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or let
-`jax.distributed.initialize()` read them from the cluster environment (--distributed).
+`jax.distributed.initialize()` read them from the cluster environment (--distributed); every
+process runs the same command with the same --workdir (on a shared file system); see
+docs_multihost.md. Checkpoints restore with any process or device count.
+
+  python launch/train.py --config configs/brainmri.py:tiny --workdir runs/mh \
+      --coordinator_address 127.0.0.1:12355 --num_processes 2 --process_id 0   # and --process_id 1
 """
 from __future__ import annotations
 
@@ -27,19 +32,25 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with settings from the "
                                  "environment (TPU pods, SLURM, Open MPI).")
-_CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo", "CPU collectives implementation for "
-                                       "multi-process CPU runs.")
+_CPU_COLLECTIVES = flags.DEFINE_enum("cpu_collectives", "gloo", ["gloo", "mpi"], "CPU collectives "
+                                     "implementation of multi-process CPU runs (ignored by GPU/TPU).")
+_DUMP_PARAMS = flags.DEFINE_bool("dump_params", False, "Each process writes its copy of the final parameters "
+                                 "to <workdir>/params_process<i>.npz (checks that processes agree).")
 
 
-def init_distributed() -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  if _COORDINATOR.value:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+def init_distributed() -> bool:
+  """Joins the multi-process run before anything initialises a JAX backend (no device queries here)."""
+  from mediclip_jax import parallel  # pylint: disable=import-outside-toplevel
+  if _COORDINATOR.value and _DISTRIBUTED.value:
+    raise app.UsageError("give either --coordinator_address (with --num_processes, --process_id) or "
+                         "--distributed, not both")
+  if not _COORDINATOR.value and (_NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None):
+    raise app.UsageError("--num_processes/--process_id need --coordinator_address (or use --distributed)")
+  try:
+    return parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               from_environment=_DISTRIBUTED.value, cpu_collectives=_CPU_COLLECTIVES.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
 
 
 def main(argv) -> int:
@@ -47,6 +58,8 @@ def main(argv) -> int:
   logging.getLogger().setLevel(logging.INFO)
   init_distributed()
   import jax  # pylint: disable=import-outside-toplevel
+  from mediclip_jax import parallel  # pylint: disable=import-outside-toplevel
+  parallel.quiet_other_processes()
   from data_pipelines.datasets import DatasetError  # pylint: disable=import-outside-toplevel
   from mediclip_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
@@ -56,7 +69,7 @@ def main(argv) -> int:
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(
       flags.FLAGS["config"].config_filename))[0])
   try:
-    results = train_and_evaluate(config, workdir)
+    results = train_and_evaluate(config, workdir, dump_params=_DUMP_PARAMS.value)
   except (FileNotFoundError, DatasetError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -5,6 +5,10 @@ host sends only (support index, global sample index) pairs, and synthesis, CLIP,
 update run in one jitted program. The batch order is a pure function of (seed, epoch), and
 synthesis keys of (seed, step, sample index), so a run resumed from any checkpoint ends with
 the same parameters as an uninterrupted one.
+
+Multi-host: every process builds the same mesh and state; it feeds only its rows of each
+global batch, loads and scores only its share of the test set, and the shares' maps and
+scores are gathered so all processes compute the same metrics (only process 0 writes them).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipelines import datasets, phantom, preprocess, support as support_lib
+from data_pipelines import batches as batches_lib, datasets, phantom, preprocess, support as support_lib
 from mediclip_jax import parallel
 from mediclip_jax.evaluate import runner
 from mediclip_jax.models import vae as vae_lib
@@ -35,14 +39,19 @@ from mediclip_jax.weights.tokenizer import tokenizer_for
 
 @dataclasses.dataclass
 class Data:
-  """Host-side arrays of one run: grayscale float32 images in [0, 1]."""
+  """Host-side arrays of one run: grayscale float32 images in [0, 1].
+
+  Test images and masks are this process's share (all N in a single process); labels and
+  names cover the whole test set (they come from the listing, not from image files).
+  """
   root: str
   support: np.ndarray          # (K, H, W) few-shot normal images
   support_names: list[str]
-  test_images: np.ndarray      # (N, H, W)
+  test_images: np.ndarray      # (n, H, W) this process's share, padded to ceil(N / processes)
   test_labels: np.ndarray      # (N,) int32, 1 = abnormal
-  test_masks: np.ndarray | None  # (N, H, W) {0,1} or None
-  test_names: list[str]
+  test_masks: np.ndarray | None  # (n, H, W) {0,1} or None
+  test_names: list[str]        # (N,)
+  test_valid: np.ndarray       # (n,) bool: False on the padding rows of the share
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -78,6 +87,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     chosen = support_lib.read_support(existing, ds)
   else:
     chosen = support_lib.draw_support(ds, d.k_shot, config.seed)
+  parallel.sync("support_read")  # nobody reads the file while process 0 rewrites it
   if parallel.is_main_process():
     support_lib.write_support(existing, chosen, config.seed, ds.root)
   names = [s.name for s in chosen]
@@ -85,7 +95,12 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
   size = d.image_size
   sup = np.stack([preprocess.load_train_image(by_name[n].path, size) for n in names])
   test = ds.test
-  images = np.stack([preprocess.load_test_image(s.path, size) for s in test])
+  share, valid = batches_lib.process_eval_indices(len(test))  # padding repeats the last index
+  loaded: dict[int, np.ndarray] = {}
+  for i in share:
+    if i not in loaded:
+      loaded[int(i)] = preprocess.load_test_image(test[i].path, size)
+  images = np.stack([loaded[int(i)] for i in share])
   labels = np.asarray([s.label for s in test], np.int32)
   has_masks = any(s.mask_path for s in test)
   want = {"auto": has_masks, "on": True, "off": False}.get(d.pixel_metrics)
@@ -95,10 +110,11 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     raise ValueError(f"config.data.pixel_metrics='on' but the test set of {root} has no masks")
   masks = None
   if want:
-    masks = np.stack([preprocess.load_mask(s.mask_path, size) if s.mask_path else np.zeros((size, size), np.float32)
-                      for s in test])
-  return Data(root, sup.astype(np.float32), list(names), images.astype(np.float32), labels, masks,
-              [s.name for s in test])
+    masks = np.stack([preprocess.load_mask(test[i].mask_path, size) if test[i].mask_path
+                      else np.zeros((size, size), np.float32) for i in share])
+  return Data(root=root, support=sup.astype(np.float32), support_names=list(names),
+              test_images=images.astype(np.float32), test_labels=labels, test_masks=masks,
+              test_names=[s.name for s in test], test_valid=valid)
 
 
 def build_detector(config: ml_collections.ConfigDict) -> MediCLIP:
@@ -168,8 +184,19 @@ def _metadata(config, data: Data, threshold: float, step: int) -> dict:
           "versions": {"jax": jax.__version__, "python": platform.python_version()}}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains, evaluates and checkpoints; resumes from `workdir` if it holds a checkpoint. Returns final metrics."""
+def _dump_params(params, path: str) -> None:
+  """Writes this process's replica of the parameters (flat names) to an .npz file."""
+  import flax.nnx as nnx  # pylint: disable=import-outside-toplevel
+  flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(params)}
+  np.savez(path, **{k: np.asarray(v[...].addressable_data(0)) for k, v in flat.items()})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dump_params: bool = False) -> dict:
+  """Trains, evaluates and checkpoints; resumes from `workdir` if it holds a checkpoint. Returns final metrics.
+
+  With `dump_params`, each process also writes its own copy of the final parameters to
+  `workdir/params_process<i>.npz` (to check that processes stayed identical).
+  """
   config = resolve_config(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
@@ -182,8 +209,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   k = data.support.shape[0]
   spe = steps_per_epoch(k, config.train.batch_size)
   total = config.train.epochs * spe
-  parallel.log_main("devices=%d processes=%d support=%d test=%d steps=%d", mesh.devices.size,
-                    jax.process_count(), k, len(data.test_labels), total)
+  parallel.log_main("devices=%d processes=%d support=%d test=%d (%d per process) steps=%d", mesh.devices.size,
+                    jax.process_count(), k, len(data.test_labels), len(data.test_valid), total)
+  # Metrics need every mask: gather the shares once (every process then holds all of them).
+  eval_masks = None if data.test_masks is None else parallel.gather_rows(data.test_masks.astype(np.uint8),
+                                                                         data.test_valid)
 
   model = build_detector(config)
   graphdef, params, frozen_model = step_lib.split_model(model)
@@ -206,22 +236,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics_log = writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if main else None
   tb = writers.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if main else None
   progress = writers.Progress(total, start) if main else None
-  predict_fns = runner.make_predict_fn(graphdef)
+  predict_fns = runner.make_predict_fn(graphdef, mesh)
   select_key = "mean_image_pixel_auroc" if data.test_masks is not None else "image_auroc"
 
   def evaluate(step: int) -> dict:
-    maps, scores = runner.predict(graphdef, state["params"], frozen["model"], data.test_images,
-                                  config.eval.batch_size, predict_fns)
-    res = runner.compute_metrics(maps, scores, data.test_labels, data.test_masks,
+    """Each process scores its share; the gathered maps/scores give the same metrics everywhere."""
+    del step
+    maps, scores = runner.predict_sharded(graphdef, state["params"], frozen["model"], data.test_images,
+                                          config.eval.batch_size, mesh, predict_fns)
+    maps, scores = parallel.gather_rows(maps, data.test_valid), parallel.gather_rows(scores, data.test_valid)
+    res = runner.compute_metrics(maps, scores, data.test_labels, eval_masks,
                                  config.eval.smoothing_sigma, config.eval.aupro_max_fpr)
     if data.test_masks is not None:
       res["mean_image_pixel_auroc"] = 0.5 * (res["image_auroc"] + res["pixel_auroc"])
     return res
 
   def threshold() -> float:
-    _, s = runner.predict(graphdef, state["params"], frozen["model"], data.support, config.eval.batch_size,
-                          predict_fns)
-    return float(np.quantile(s, config.eval.threshold_quantile))
+    share, valid = batches_lib.process_eval_indices(k)
+    _, s = runner.predict_sharded(graphdef, state["params"], frozen["model"], data.support[share],
+                                  config.eval.batch_size, mesh, predict_fns)
+    return float(np.quantile(parallel.gather_rows(s, valid), config.eval.threshold_quantile))
 
   def save(step: int, force: bool = False) -> None:
     meta = _metadata(config, data, threshold(), step)
@@ -229,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.save(step, state, meta, force=force)
 
   eval_every = max(1, config.eval.every_epochs) * spe
+  multi = jax.process_count() > 1
   final = {}
   t_start = time.perf_counter()
   with _Interrupt() as interrupt:
@@ -238,7 +273,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                local_batch(step, k, config.train.batch_size, config.seed).items()}
       state, m = train_step(state, frozen, batch)
       step += 1
-      if step % config.train.log_every_steps == 0 or step == total:
+      logged = step % config.train.log_every_steps == 0 or step == total
+      # A SIGTERM may reach the processes at different steps: they agree at log steps (a host sync
+      # there anyway), so all of them stop and checkpoint at the same step.
+      stop = (parallel.any_process(interrupt.requested) if logged else False) if multi else interrupt.requested
+      if logged:
         m = {k_: float(v) for k_, v in jax.device_get(m).items()}
         if not np.isfinite(m["loss"]):
           raise FloatingPointError(f"non-finite loss {m['loss']} at step {step}")
@@ -256,9 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           metrics_log.write({"step": step, "epoch": step // spe, **{f"eval/{k_}": v for k_, v in res.items()}})
           tb.scalars(step, {f"eval/{k_}": v for k_, v in res.items()})
         final = res
-      if step % config.train.checkpoint_every_steps == 0 or step == total or interrupt.requested:
+      if step % config.train.checkpoint_every_steps == 0 or step == total or stop:
         save(step, force=True)
-      if interrupt.requested and step < total:
+      if stop and step < total:
         ckpt.close()
         raise KeyboardInterrupt(f"SIGTERM: checkpoint written at step {step}; rerun to resume")
   ckpt.close()
@@ -266,6 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress.close()
   if not final:  # resumed at the last step: evaluate what was restored
     final = evaluate(total)
+  if dump_params:
+    _dump_params(state["params"], os.path.join(workdir, f"params_process{jax.process_index()}.npz"))
   results = {"last_epoch": final, "best_epoch_on_test (reference protocol)": best,
              "steps": total, "wall_s": time.perf_counter() - t_start}
   if main:

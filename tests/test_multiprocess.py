@@ -1,0 +1,118 @@
+"""Two processes on 127.0.0.1 (CPU, gloo collectives) train on real BrainMRI data as one job.
+
+Checks: both processes end with bit-identical parameters; only process 0 writes results; the
+evaluation sharded over processes gives the same metrics as a single process evaluating the
+restored checkpoint; the pair's checkpoint restores in one process and training continues.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+RUN_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device per process
+  return env
+
+
+def _cmd(workdir: Path, data_root: Path, epochs: int, *extra: str) -> list[str]:
+  return [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "brainmri.py") + ":tiny",
+          "--workdir", str(workdir), f"--config.data.root={data_root}", "--config.data.image_size=64",
+          "--config.model.clip.image_size=64", f"--config.train.epochs={epochs}", "--config.eval.every_epochs=1000",
+          "--config.train.checkpoint_every_steps=2", *extra]
+
+
+def _run_all(cmds: list[list[str]], logs: list[Path], timeout: float) -> list[int]:
+  """Runs the commands together; if one fails or time runs out, kills the rest (no stragglers)."""
+  files = [open(p, "w") for p in logs]  # pylint: disable=consider-using-with
+  procs = [subprocess.Popen(c, env=_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+           for c, f in zip(cmds, files)]
+  deadline = time.time() + timeout
+  try:
+    while any(p.poll() is None for p in procs):
+      if time.time() > deadline or any(p.returncode not in (None, 0) for p in procs):
+        break
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=30)
+    for f in files:
+      f.close()
+  return [p.returncode for p in procs]
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory, shared_dir) -> dict:
+  """Both processes train 4 steps (2 epochs of 16 images, batch 8) and each dumps its parameters."""
+  wd = tmp_path_factory.mktemp("mp") / "run"
+  data_root = shared_dir / "data" / "brainmri"
+  port = _free_port()
+  cmds = [_cmd(wd, data_root, 2, "--dump_params", "--coordinator_address", f"127.0.0.1:{port}",
+               "--num_processes", "2", "--process_id", str(i)) for i in range(2)]
+  logs = [wd.parent / f"process{i}.log" for i in range(2)]
+  t0 = time.time()
+  codes = _run_all(cmds, logs, RUN_TIMEOUT_S)
+  wall = time.time() - t0
+  text = [p.read_text() for p in logs]
+  assert codes == [0, 0], f"exit codes {codes} after {wall:.0f}s\n" + "\n".join(t[-3000:] for t in text)
+  print(f"two-process run: {wall:.1f}s")
+  return {"workdir": wd, "data_root": data_root, "logs": text, "wall_s": wall}
+
+
+def test_processes_end_with_identical_parameters(pair_run):
+  wd = pair_run["workdir"]
+  assert "devices=2 processes=2 support=16 test=220 (110 per process) steps=4" in pair_run["logs"][0]
+  p0, p1 = np.load(wd / "params_process0.npz"), np.load(wd / "params_process1.npz")
+  assert p0.files and sorted(p0.files) == sorted(p1.files)
+  for k in p0.files:
+    np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+  # Only process 0 writes results and prints them.
+  assert '"last_epoch"' in pair_run["logs"][0] and '"last_epoch"' not in pair_run["logs"][1]
+  results = json.loads((wd / "results.json").read_text())
+  assert results["steps"] == 4 and 0.0 <= results["last_epoch"]["image_auroc"] <= 1.0
+  assert (wd / "checkpoints" / "4").is_dir()
+
+
+def test_checkpoint_restores_in_one_process_and_continues(pair_run, tmp_path):
+  wd, root = pair_run["workdir"], pair_run["data_root"]
+  pair_metrics = json.loads((wd / "results.json").read_text())["last_epoch"]
+  # 1) Same number of epochs: one process restores step 4 and evaluates it alone. The metrics
+  #    must match the two processes' (each scored half of the test set; gathered in order).
+  t0 = time.time()
+  codes = _run_all([_cmd(wd, root, 2)], [tmp_path / "eval.log"], RUN_TIMEOUT_S)
+  log = (tmp_path / "eval.log").read_text()
+  assert codes == [0], log[-3000:]
+  assert "resumed from step 4" in log and "devices=1 processes=1" in log
+  single_metrics = json.loads((wd / "results.json").read_text())["last_epoch"]
+  for k, v in pair_metrics.items():
+    assert abs(single_metrics[k] - v) <= 1e-6, (k, v, single_metrics[k])
+  t1 = time.time()
+  # 2) More epochs: training continues from the pair's checkpoint to step 6.
+  codes = _run_all([_cmd(wd, root, 3)], [tmp_path / "more.log"], RUN_TIMEOUT_S)
+  log = (tmp_path / "more.log").read_text()
+  assert codes == [0], log[-3000:]
+  assert "resumed from step 4" in log
+  assert json.loads((wd / "results.json").read_text())["steps"] == 6
+  assert (wd / "checkpoints" / "6").is_dir()
+  print(f"single-process evaluate of restored step 4: {t1 - t0:.1f}s; continue to step 6: {time.time() - t1:.1f}s")
