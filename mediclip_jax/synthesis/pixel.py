@@ -51,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.cutpaste.scale_exp = 0.1  # scale c = 1 + Exp(0.1), s = c or 1/c
   c.cutpaste.max_source_fraction = 0.8  # the rotated region fits within 80 % of the source image
   c.cutpaste.paste_mode = "hard"  # "hard" (reference) | "poisson"
-  c.cutpaste.poisson_erode = 3  # 3×3 erosions of the guidance mask (as OpenCV seamlessClone)
+  c.cutpaste.poisson_erode = 3  # guidance mask eroded by a 7×7 square (3 × 3×3, as OpenCV seamlessClone)
   c.cutpaste.change_threshold = 0.5 / 255.0  # a pixel "changed" when |new - old| exceeds this
   c.cutpaste.hole_fill_iters = 8
   c.gauss_intensity = ml_collections.ConfigDict()
@@ -133,11 +133,6 @@ def _dilate3(x: jax.Array) -> jax.Array:
   return x
 
 
-def erode(x: jax.Array, times: int) -> jax.Array:
-  """`times` binary 3×3 erosions (outside the image counts as 1, OpenCV's default border)."""
-  return jax.lax.fori_loop(0, times, lambda _, c: 1.0 - _dilate3(1.0 - c), x.astype(jnp.float32))
-
-
 def close_and_fill(changed: jax.Array, region: jax.Array, iters: int) -> jax.Array:
   """3×3 closing of `changed`, then holes filled (float {0, 1}).
 
@@ -164,48 +159,99 @@ def _sample(image: jax.Array, sy: jax.Array, sx: jax.Array) -> jax.Array:
   return jndi.map_coordinates(image, [sy, sx], order=1, mode="nearest")
 
 
-def _dst_matrix(n: int) -> jax.Array:
-  i = jnp.arange(1, n + 1, dtype=jnp.float32)
-  return jnp.sin(math.pi * i[:, None] * i[None, :] / (n + 1))
+def _erode_zero_pad(x: jax.Array, radius: int) -> jax.Array:
+  """Binary erosion by a (2r+1)² square, pixels outside the array counting as 0 (separable mins)."""
+  if radius == 0:
+    return x
+  h, w = x.shape
+  p = jnp.pad(x, radius)
+  rows = functools.reduce(jnp.minimum, [p[i:i + h, :] for i in range(2 * radius + 1)])
+  return functools.reduce(jnp.minimum, [rows[:, j:j + w] for j in range(2 * radius + 1)])
 
 
-def poisson_blend(target: jax.Array, source: jax.Array, mask: jax.Array, erode_iters: int = 3) -> jax.Array:
-  """Poisson image editing of `source` into `target` inside `mask` (all (H, W), aligned).
+def _shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
+  """out[i, j] = x[i + dy, j + dx], zero where that falls outside."""
+  h, w = x.shape
+  p = jnp.pad(x, 1)
+  return p[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
 
-  As OpenCV's seamlessClone(NORMAL_CLONE): the guidance field is the source gradient
-  inside the mask eroded `erode_iters` times by 3×3 and the target gradient elsewhere; Δf =
-  div(guidance) is solved on the whole image with f = target on the image border by a
-  direct DST-I solve (four dense matmuls, static shapes). Returns the full solution f;
-  callers composite it inside the mask.
+
+def _bbox_1d(any_: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """First and last true index of a 1-D bool array (0, n-1 when none is true; callers check)."""
+  n = any_.shape[0]
+  return jnp.argmax(any_).astype(jnp.int32), (n - 1 - jnp.argmax(any_[::-1])).astype(jnp.int32)
+
+
+def _dst_basis(n_win: int, start: jax.Array, n: jax.Array) -> jax.Array:
+  """(n_win, n_win) DST-I basis of the n interior rows start+1..start+n of a window, zero elsewhere.
+
+  B[r, k] = sin(π (r - start)(k + 1) / (n + 1)) for interior rows r and modes k < n: the
+  size-n transform embedded in a static-size matrix, so the solve size stays traced.
+  """
+  r = jnp.arange(n_win, dtype=jnp.float32)[:, None] - start.astype(jnp.float32)
+  k = jnp.arange(1, n_win + 1, dtype=jnp.float32)[None, :]
+  nf = n.astype(jnp.float32)
+  valid = (r >= 1) & (r <= nf) & (k <= nf)
+  return jnp.where(valid, jnp.sin(math.pi * r * k / (nf + 1.0)), 0.0)
+
+
+def poisson_blend(target: jax.Array, source: jax.Array, mask: jax.Array, erode_iters: int = 3,
+                  window: tuple[int, int] | None = None) -> jax.Array:
+  """Poisson image editing of `source` into `target` inside `mask` (all (H, W), aligned), as OpenCV.
+
+  Follows cv2.seamlessClone(NORMAL_CLONE) with the centre that maps the mask onto
+  itself: the mask's image border is cleared, the solve domain is the mask's bounding
+  box, whose outer ring keeps the target values (Dirichlet); the guidance field is the
+  forward-difference gradient of the source inside the mask eroded by a
+  (2·erode_iters+1)² square and of the target elsewhere; Δf = div (backward differences)
+  is solved by a direct DST-I of the box interior (four dense matmuls). Only the box
+  interior changes; callers composite inside the mask.
+
+  `window` (static) bounds the bounding box size: the work is done in a window of that
+  size around the box (taken from the whole image when None); a box larger than the
+  window gives wrong results, so pass it only when the caller knows the bound.
   """
   h, w = target.shape
-  inner = mask.astype(jnp.float32)
-  inner = inner.at[0, :].set(0).at[-1, :].set(0).at[:, 0].set(0).at[:, -1].set(0)
-  inner = erode(inner, erode_iters)
-
-  def grads(im):
-    gx = jnp.concatenate([im[:, 1:] - im[:, :-1], im[:, -2:-1] - im[:, -1:]], axis=1)
-    gy = jnp.concatenate([im[1:, :] - im[:-1, :], im[-2:-1, :] - im[-1:, :]], axis=0)
-    return gx, gy
-
-  sgx, sgy = grads(source)
-  tgx, tgy = grads(target)
-  vx = inner * sgx + (1.0 - inner) * tgx
-  vy = inner * sgy + (1.0 - inner) * tgy
-  div = (vx[1:-1, 1:-1] - vx[1:-1, :-2]) + (vy[1:-1, 1:-1] - vy[:-2, 1:-1])
-  # Move the known border values to the right-hand side.
-  rhs = div
-  rhs = rhs.at[0, :].add(-target[0, 1:-1]).at[-1, :].add(-target[-1, 1:-1])
-  rhs = rhs.at[:, 0].add(-target[1:-1, 0]).at[:, -1].add(-target[1:-1, -1])
-  ny, nx = h - 2, w - 2
-  sy_m, sx_m = _dst_matrix(ny), _dst_matrix(nx)
+  wy, wx = (h, w) if window is None else (min(int(window[0]), h), min(int(window[1]), w))
+  m = mask.astype(jnp.float32)
+  m = m.at[0, :].set(0).at[-1, :].set(0).at[:, 0].set(0).at[:, -1].set(0)
+  rows, cols = jnp.any(m > 0, axis=1), jnp.any(m > 0, axis=0)
+  y0, y1 = _bbox_1d(rows)
+  x0, x1 = _bbox_1d(cols)
+  has = jnp.any(rows)
+  sy, sx = jnp.minimum(y0, h - wy), jnp.minimum(x0, w - wx)
+  t = jax.lax.dynamic_slice(target, (sy, sx), (wy, wx))
+  s = jax.lax.dynamic_slice(source, (sy, sx), (wy, wx))
+  m = jax.lax.dynamic_slice(m, (sy, sx), (wy, wx))
+  oy, ox = y0 - sy, x0 - sx  # box corner in the window
+  ny = jnp.where(has, y1 - y0 - 1, 0)  # interior size (nothing to solve for an empty mask)
+  nx = jnp.where(has, x1 - x0 - 1, 0)
+  ry = jnp.arange(wy)[:, None] - oy
+  rx = jnp.arange(wx)[None, :] - ox
+  interior = ((ry >= 1) & (ry <= ny) & (rx >= 1) & (rx <= nx)).astype(jnp.float32)
+  # The mask is zero outside its box, so eroding the window with zero padding equals eroding the image.
+  e = _erode_zero_pad(m, int(erode_iters))
+  vx = e * (_shift(s, 0, 1) - s) + (1.0 - e) * (_shift(t, 0, 1) - t)
+  vy = e * (_shift(s, 1, 0) - s) + (1.0 - e) * (_shift(t, 1, 0) - t)
+  div = (vx - _shift(vx, 0, -1)) + (vy - _shift(vy, -1, 0))
+  # Known ring values move to the right-hand side.
+  known = t * (1.0 - interior)
+  ring = _shift(known, -1, 0) + _shift(known, 1, 0) + _shift(known, 0, -1) + _shift(known, 0, 1)
+  rhs = interior * (div - ring)
+  by, bx = _dst_basis(wy, oy, ny), _dst_basis(wx, ox, nx)
   hp = jax.lax.Precision.HIGHEST
-  coef = jnp.matmul(jnp.matmul(sy_m, rhs, precision=hp), sx_m, precision=hp)
-  ly = 2.0 * jnp.cos(math.pi * jnp.arange(1, ny + 1, dtype=jnp.float32) / (ny + 1)) - 2.0
-  lx = 2.0 * jnp.cos(math.pi * jnp.arange(1, nx + 1, dtype=jnp.float32) / (nx + 1)) - 2.0
-  coef = coef / (ly[:, None] + lx[None, :])
-  u = jnp.matmul(jnp.matmul(sy_m, coef, precision=hp), sx_m, precision=hp) * (4.0 / ((ny + 1) * (nx + 1)))
-  return target.at[1:-1, 1:-1].set(u)
+  coef = jnp.matmul(jnp.matmul(by.T, rhs, precision=hp), bx, precision=hp)
+  ky = jnp.arange(1, wy + 1, dtype=jnp.float32)
+  kx = jnp.arange(1, wx + 1, dtype=jnp.float32)
+  nyf, nxf = ny.astype(jnp.float32), nx.astype(jnp.float32)
+  lam_y = 2.0 * jnp.cos(math.pi * ky / (nyf + 1.0)) - 2.0
+  lam_x = 2.0 * jnp.cos(math.pi * kx / (nxf + 1.0)) - 2.0
+  modes = (ky[:, None] <= nyf) & (kx[None, :] <= nxf)
+  coef = jnp.where(modes, coef / jnp.where(modes, lam_y[:, None] + lam_x[None, :], -1.0), 0.0)
+  u = jnp.matmul(jnp.matmul(by, coef, precision=hp), bx.T, precision=hp)
+  u = u * (4.0 / jnp.maximum((nyf + 1.0) * (nxf + 1.0), 1.0))
+  out = jnp.where(interior > 0, u, t)
+  return jax.lax.dynamic_update_slice(target, out, (sy, sx))
 
 
 def _repeat(key: jax.Array, image: jax.Array, cfg: ml_collections.ConfigDict, once):
@@ -237,6 +283,7 @@ def cutpaste(key: jax.Array, image: jax.Array, source: jax.Array,
   if source.ndim == 2:
     source = source[None]
   fg = shapes.foreground_mask(image, sc) if sc.foreground_only else None
+  box_bound = shapes.size_bounds(cc.min_prop, cc.max_prop, hw)[1]  # the mask lies in a box smaller than this
 
   def once(k, x):
     k_shape, k_place, k_src, k_rot, k_scale, k_flip, k_corner = jax.random.split(k, 7)
@@ -250,7 +297,7 @@ def cutpaste(key: jax.Array, image: jax.Array, source: jax.Array,
     src = source[jax.random.randint(k_src, (), 0, source.shape[0])]
     vals = warp_region(k_rot, k_scale, k_flip, k_corner, shape.size, ly, lx, src, cc)
     if cc.paste_mode == "poisson":
-      vals = jnp.clip(poisson_blend(x, vals, m, int(cc.poisson_erode)), 0.0, 1.0)
+      vals = jnp.clip(poisson_blend(x, vals, m, int(cc.poisson_erode), window=box_bound), 0.0, 1.0)
     return jnp.where(m, vals, x), m.astype(jnp.float32)
 
   out, union = _repeat(key, image, cfg, once)

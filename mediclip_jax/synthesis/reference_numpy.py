@@ -139,7 +139,8 @@ def cutpaste(rng: np.random.Generator, image: np.ndarray, support: np.ndarray, p
       full_m[y0:y0 + h, x0:x0 + w] = m * 255
       ys, xs = np.nonzero(full_m)
       if len(ys):
-        centre = (int(xs.min() + (xs.max() - xs.min()) // 2), int(ys.min() + (ys.max() - ys.min()) // 2))
+        # OpenCV puts the mask's bounding box (width w) at x = centre.x - w // 2: this centre keeps it in place.
+        centre = (int(xs.min() + (xs.max() - xs.min() + 1) // 2), int(ys.min() + (ys.max() - ys.min() + 1) // 2))
         to8 = lambda a: cv2.cvtColor(np.round(a * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
         blended = cv2.seamlessClone(to8(full_src), to8(x), full_m, centre, cv2.NORMAL_CLONE)[..., 0] / 255.0
         out = np.where(full_m > 0, blended, x)
