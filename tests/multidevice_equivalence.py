@@ -1,4 +1,5 @@
-"""Run as a script with 8 fake CPU devices: the same 3 steps on 1 device and on 8 devices.
+"""Run as a script with 8 fake CPU devices: the same 3 steps on 1 device and on 8 devices, and
+the same evaluation maps from one device and from a batch split over 8 (`predict_sharded`).
 
 Prints one JSON line with the largest differences; tests/test_parallel.py asserts on it.
 """
@@ -16,7 +17,8 @@ from flax import nnx  # noqa: E402
 
 from mediclip_jax.models.clip import create_clip, get_variant  # noqa: E402
 from mediclip_jax.models.mediclip import MediCLIP  # noqa: E402
-from mediclip_jax.parallel import global_array, make_mesh, replicate  # noqa: E402
+from mediclip_jax.evaluate import runner  # noqa: E402
+from mediclip_jax.parallel import global_array, local_rows, make_mesh, replicate  # noqa: E402
 from mediclip_jax.synthesis import mix  # noqa: E402
 from mediclip_jax.train import step as step_lib, synthesis_fn  # noqa: E402
 from mediclip_jax.weights.tokenizer import tokenizer_for  # noqa: E402
@@ -48,6 +50,21 @@ def run(devices, support):
   return np.array(losses), params_after, train_step._cache_size()  # pylint: disable=protected-access
 
 
+def eval_diff(support) -> dict:
+  """Largest map/score difference between unsharded and 8-way sharded prediction of 11 images (batch 5 -> 8)."""
+  model = MediCLIP(create_clip(get_variant("tiny"), seed=0), tokenizer_for(), tap_layers=(2, 3, 4),
+                   rngs=nnx.Rngs(1))
+  graphdef, params, frozen_model = step_lib.split_model(model)
+  images = np.concatenate([support, support, support[:3]])
+  m1, s1 = runner.predict(graphdef, params, frozen_model, images, 5)
+  mesh = make_mesh()
+  p8, f8 = replicate(params, mesh), replicate(frozen_model, mesh)
+  m8, s8 = runner.predict_sharded(graphdef, p8, f8, images, 5, mesh)
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  return {"eval_map_diff": float(np.abs(m1 - m8).max()), "eval_score_diff": float(np.abs(s1 - s8).max()),
+          "eval_n": int(m8.shape[0]), "local_rows_roundtrip": bool((local_rows(global_array(x, mesh)) == x).all())}
+
+
 def main():
   rng = np.random.default_rng(0)
   support = rng.uniform(0.1, 0.9, size=(4, SIZE, SIZE)).astype(np.float32)
@@ -57,7 +74,7 @@ def main():
   scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(p1))
   print(json.dumps({"n_devices": len(jax.devices()), "loss_1": l1.tolist(), "loss_8": l8.tolist(),
                     "max_loss_diff": float(np.abs(l1 - l8).max()), "max_param_diff": max(diffs),
-                    "param_scale": scale, "compiles_1": c1, "compiles_8": c8}))
+                    "param_scale": scale, "compiles_1": c1, "compiles_8": c8, **eval_diff(support)}))
 
 
 if __name__ == "__main__":

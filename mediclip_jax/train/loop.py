@@ -209,6 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dump_par
   k = data.support.shape[0]
   spe = steps_per_epoch(k, config.train.batch_size)
   total = config.train.epochs * spe
+  parallel.log_main("platform=%s (%s), %d local devices per process", jax.default_backend(),
+                    jax.local_devices()[0].device_kind, jax.local_device_count())
   parallel.log_main("devices=%d processes=%d support=%d test=%d (%d per process) steps=%d", mesh.devices.size,
                     jax.process_count(), k, len(data.test_labels), len(data.test_valid), total)
   # Metrics need every mask: gather the shares once (every process then holds all of them).
