@@ -4,8 +4,9 @@ A checkpoint holds the trainable parameters (prompts, adapters), the optimizer s
 step, the RNG key data and the data position (the step determines the batch order), and
 metadata: the resolved config, preprocessing, the decision threshold and versions. The
 frozen CLIP weights are referenced by the config, not copied. Saving is asynchronous;
-all processes take part; restoring works with any device or process count (arrays are
-restored replicated onto the current mesh).
+all processes take part (the directory must be on a file system they share); restoring
+works with any device or process count, because arrays are restored replicated onto the
+current mesh (tests/test_multiprocess.py restores a 2-process checkpoint in one process).
 """
 from __future__ import annotations
 
