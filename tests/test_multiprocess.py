@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -41,17 +43,23 @@ def _cmd(workdir: Path, data_root: Path, epochs: int, *extra: str) -> list[str]:
           "--config.train.checkpoint_every_steps=2", *extra]
 
 
-def _run_all(cmds: list[list[str]], logs: list[Path], timeout: float) -> list[int]:
-  """Runs the commands together; if one fails or time runs out, kills the rest (no stragglers)."""
+def _run_all(cmds: list[list[str]], logs: list[Path], timeout: float, on_poll=None,
+             ok_codes: tuple[int, ...] = (0,)) -> list[int]:
+  """Runs the commands together; if one fails or time runs out, kills the rest (no stragglers).
+
+  `on_poll(procs)` is called while they run (to send signals).
+  """
   files = [open(p, "w") for p in logs]  # pylint: disable=consider-using-with
   procs = [subprocess.Popen(c, env=_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
            for c, f in zip(cmds, files)]
   deadline = time.time() + timeout
   try:
     while any(p.poll() is None for p in procs):
-      if time.time() > deadline or any(p.returncode not in (None, 0) for p in procs):
+      if time.time() > deadline or any(p.returncode not in (None, *ok_codes) for p in procs):
         break
-      time.sleep(0.2)
+      if on_poll is not None:
+        on_poll(procs)
+      time.sleep(0.1)
   finally:
     for p in procs:
       if p.poll() is None:
@@ -117,3 +125,32 @@ def test_checkpoint_restores_in_one_process_and_continues(pair_run, tmp_path):
   assert json.loads((wd / "results.json").read_text())["steps"] == 6
   assert (wd / "checkpoints" / "6").is_dir()
   print(f"single-process evaluate of restored step 4: {t1 - t0:.1f}s; continue to step 6: {time.time() - t1:.1f}s")
+
+
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint(shared_dir, tmp_path):
+  """A SIGTERM that reaches only process 1: both agree at the next log step, checkpoint it together and exit."""
+  wd = tmp_path / "run"
+  port = _free_port()
+  cmds = [_cmd(wd, shared_dir / "data" / "brainmri", 20, "--config.train.checkpoint_every_steps=1000",
+               "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i))
+          for i in range(2)]
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  sent = []
+
+  def signal_after_first_log(procs):
+    metrics = wd / "metrics.jsonl"
+    if not sent and metrics.is_file() and metrics.read_text().strip():
+      procs[1].send_signal(signal.SIGTERM)
+      sent.append(time.time())
+
+  codes = _run_all(cmds, logs, RUN_TIMEOUT_S, signal_after_first_log, ok_codes=(0, 130))
+  text = [p.read_text() for p in logs]
+  assert sent, "training ended before the signal could be sent"
+  assert codes == [130, 130], f"exit codes {codes}\n" + "\n".join(t[-3000:] for t in text)
+  steps = [re.search(r"checkpoint written at step (\d+)", t) for t in text]
+  assert all(steps), text[0][-2000:]
+  step = int(steps[0].group(1))
+  assert int(steps[1].group(1)) == step and step < 40
+  assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [step]
+  print(f"SIGTERM to process 1 only: both stopped at step {step}, "
+        f"{time.time() - sent[0]:.1f}s after the signal")
