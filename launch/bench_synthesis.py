@@ -16,12 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mediclip_jax.synthesis import data, mix, reference_numpy
+from data_pipelines import datasets, preprocess
+from mediclip_jax.synthesis import mix, reference_numpy
+
+
+def read_support(root: str, n: int, size: int = 224) -> np.ndarray:
+  """The first n normal training images of a dataset as float32 (n, size, size) in [0, 1]."""
+  paths = [s.path for s in datasets.load_dataset(root).train if s.label == 0][:n]
+  return np.stack([preprocess.load_train_image(p, size) for p in paths])
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--data", default="../shared/data/brainmri", help="MediCLIP-layout dataset root")
+  ap.add_argument("--data", default="../shared/data/brainmri", help="dataset root (any layout data_pipelines reads)")
   ap.add_argument("--support", type=int, default=16, help="few-shot support images (cut-paste sources)")
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--steps", type=int, default=5, help="timed JAX batches")
@@ -30,7 +37,7 @@ def main() -> None:
   ap.add_argument("--paste-mode", default="hard", choices=["hard", "poisson"])
   args = ap.parse_args()
 
-  support = data.read_images(args.data, n=args.support)
+  support = read_support(args.data, args.support)
   cfg = mix.default_config()
   cfg.pixel.cutpaste.paste_mode = args.paste_mode
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, batch {args.batch}, "

@@ -33,7 +33,6 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.scipy import ndimage as jndi
 
 from mediclip_jax.synthesis import shapes
 
@@ -90,47 +89,77 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 # Small image operators
 
 
-def _gauss_matrix(n: int, sigma: jax.Array, max_sigma: float, truncate: float) -> jax.Array:
-  """(n, n) matrix of a 1-D Gaussian filter with scipy's "reflect" boundary folded in."""
+def _gauss_kernel(sigma: jax.Array, radius: int, truncate: float) -> jax.Array:
+  """(2·radius+1,) normalised Gaussian taps, zero beyond scipy's own radius round(truncate·σ)."""
+  sigma = jnp.asarray(sigma, jnp.float32)
+  d = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  g = jnp.exp(-0.5 * (d / sigma) ** 2) * (jnp.abs(d) <= jnp.floor(truncate * sigma + 0.5))
+  return g / jnp.sum(g)
+
+
+def _correlate_valid(x: jax.Array, taps: jax.Array, axis: int) -> jax.Array:
+  """Σ_t taps[t] · x[t : t + n_out] along `axis` (n_out = size - len(taps) + 1), on a materialised input.
+
+  The barrier keeps XLA:CPU from fusing an expensive producer into every tap.
+  """
+  x = jax.lax.optimization_barrier(x)
+  n_out = x.shape[axis] - taps.shape[0] + 1
+  return sum(taps[t] * jax.lax.slice_in_dim(x, t, t + n_out, axis=axis) for t in range(taps.shape[0]))
+
+
+def _gauss_radius(max_sigma: float, truncate: float, n: int) -> int:
   radius = int(truncate * max_sigma + 0.5)
   if radius >= n:
     raise ValueError(f"Gaussian radius {radius} (truncate·σ) must be smaller than the image side {n}")
-  sigma = jnp.asarray(sigma, jnp.float32)
-  r_eff = jnp.floor(truncate * sigma + 0.5)
-  g = lambda d: jnp.exp(-0.5 * (d / sigma) ** 2) * (jnp.abs(d) <= r_eff)
-  offs = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-  norm = jnp.sum(g(offs))
-  i = jnp.arange(n, dtype=jnp.float32)[:, None]
-  j = jnp.arange(n, dtype=jnp.float32)[None, :]
-  # Output i reads padded index i + t; reflection maps -1-j and 2n-1-j back onto j.
-  return (g(j - i) + g(-1.0 - j - i) + g(2.0 * n - 1.0 - j - i)) / norm
+  return radius
 
 
 def gaussian_filter(x: jax.Array, sigma: jax.Array, max_sigma: float, truncate: float = 4.0) -> jax.Array:
   """2-D Gaussian filter with a traced σ <= max_sigma (scipy.ndimage.gaussian_filter, mode "reflect").
 
-  Written as A_h · x · A_wᵀ with dense banded matrices: static shapes for any σ, one
-  matmul per axis (fast on accelerators), and a dot never recomputes its operand the
-  way a fused chain of shifted slices can on XLA:CPU.
+  Separable: the image is reflect-padded by the static radius of max_sigma and each axis
+  is a sum of shifted slices weighted by σ's taps (zero past σ's own radius), so shapes
+  stay static for any σ at (2r+1) multiply-adds per pixel and axis.
   """
+  r = _gauss_radius(max_sigma, truncate, min(x.shape))
+  k = _gauss_kernel(sigma, r, truncate)
+  y = _correlate_valid(jnp.pad(x, ((r, r), (0, 0)), mode="symmetric"), k, 0)
+  return _correlate_valid(jnp.pad(y, ((0, 0), (r, r)), mode="symmetric"), k, 1)
+
+
+def _gaussian_filter_window(x: jax.Array, start: jax.Array, win: tuple[int, int], sigma: jax.Array,
+                            max_sigma: float, truncate: float) -> jax.Array:
+  """gaussian_filter(x, ...) on the static-size window at `start` only (exact: reads the reflect-padded image)."""
+  r = _gauss_radius(max_sigma, truncate, min(x.shape))
+  k = _gauss_kernel(sigma, r, truncate)
+  ext = jax.lax.dynamic_slice(jnp.pad(x, r, mode="symmetric"), (start[0], start[1]), (win[0] + 2 * r, win[1] + 2 * r))
+  return _correlate_valid(_correlate_valid(ext, k, 0), k, 1)
+
+
+# Binary masks as bits: a row of W pixels is ceil(W / 32) uint32 words, column 32·i + b in bit b of word i.
+
+
+def _pack(x: jax.Array) -> jax.Array:
   h, w = x.shape
-  hp = jax.lax.Precision.HIGHEST
-  y = jnp.matmul(_gauss_matrix(h, sigma, max_sigma, truncate), x, precision=hp)
-  return jnp.matmul(y, _gauss_matrix(w, sigma, max_sigma, truncate).T, precision=hp)
+  nw = -(-w // 32)
+  x = jnp.pad(x.astype(jnp.uint32), ((0, 0), (0, nw * 32 - w))).reshape(h, nw, 32)
+  return jnp.sum(x << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
-def _dilate3(x: jax.Array) -> jax.Array:
-  """Binary 3×3 dilation of a {0, 1} float image (outside the image never wins), as separable shifts.
+def _unpack(p: jax.Array, w: int) -> jax.Array:
+  bits = (p[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+  return bits.reshape(p.shape[0], -1)[:, :w] > 0
 
-  Callers apply it to loop-carried (materialised) arrays only: chained shifted slices
-  of an expensive producer would make XLA:CPU recompute the producer per tap.
-  """
-  for axis in (0, 1):
-    n = x.shape[axis]
-    lo = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis)
-    hi = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis)
-    x = jnp.maximum(jnp.maximum(lo, x), hi)
-  return x
+
+def _dilate_bits(p: jax.Array, valid: jax.Array) -> jax.Array:
+  """3×3 binary dilation of a packed mask, nothing outside the image."""
+  zero_col = jnp.zeros_like(p[:, :1])
+  prev = jnp.concatenate([zero_col, p[:, :-1]], axis=1)  # word i - 1
+  nxt = jnp.concatenate([p[:, 1:], zero_col], axis=1)  # word i + 1
+  x = p | (p << 1) | (prev >> 31) | (p >> 1) | (nxt << 31)
+  zero_row = jnp.zeros_like(x[:1])
+  x = x | jnp.concatenate([zero_row, x[:-1]], axis=0) | jnp.concatenate([x[1:], zero_row], axis=0)
+  return x & valid
 
 
 def close_and_fill(changed: jax.Array, region: jax.Array, iters: int) -> jax.Array:
@@ -138,25 +167,43 @@ def close_and_fill(changed: jax.Array, region: jax.Array, iters: int) -> jax.Arr
 
   A hole is a non-closed pixel that the outside of `region` cannot reach in `iters`
   3×3 steps through non-closed pixels (bounded stand-in for morphological
-  reconstruction; unchanged pixels deep inside an anomaly count as holes). Loop
-  iterations 0 and 1 do the closing as two complemented dilations, 1 - D(1 - D(x)),
-  so every dilation reads a materialised loop carry.
+  reconstruction; unchanged pixels deep inside an anomaly count as holes). The closing's
+  erosion counts the outside of the image as set. Works on bit-packed rows, so each
+  step is a few integer ops per 32 pixels.
   """
-  region = region.astype(jnp.float32)
-
-  def body(i, c):
-    x, reach = c
-    x = jnp.where(i < 2, 1.0 - _dilate3(x), x)
-    free = 1.0 - x
-    reach = jnp.where(i < 2, free * (1.0 - region), jnp.maximum(reach, _dilate3(reach) * free))
-    return x, reach
-
-  closed, reach = jax.lax.fori_loop(0, 2 + iters, body, (changed.astype(jnp.float32), jnp.zeros_like(region)))
-  return jnp.maximum(closed, (1.0 - closed) * (1.0 - reach))
+  h, w = changed.shape
+  valid = _pack(jnp.ones((1, w), bool))
+  closed = ~_dilate_bits(~_dilate_bits(_pack(changed > 0), valid) & valid, valid) & valid
+  free = ~closed & valid
+  reach = free & ~_pack(region > 0)
+  reach = jax.lax.fori_loop(0, iters, lambda _, q: q | (_dilate_bits(q, valid) & free), reach)
+  return _unpack(closed | (~reach & valid), w).astype(jnp.float32)
 
 
 def _sample(image: jax.Array, sy: jax.Array, sx: jax.Array) -> jax.Array:
-  return jndi.map_coordinates(image, [sy, sx], order=1, mode="nearest")
+  """Bilinear sample at (sy, sx), coordinates clamped to the image (map_coordinates order=1, mode "nearest").
+
+  One gather of a 2×2 block per point: XLA:CPU gathers cost per element and index, and
+  fuses the coordinate computation into every index array, so two indices beat
+  jax.scipy's four separate (y, x) lookups by about 3×.
+  """
+  h, w = image.shape
+  y0 = jnp.clip(jnp.floor(sy), 0.0, h - 2.0)
+  x0 = jnp.clip(jnp.floor(sx), 0.0, w - 2.0)
+  wy, wx = jnp.clip(sy - y0, 0.0, 1.0), jnp.clip(sx - x0, 0.0, 1.0)
+  idx = jnp.stack([y0, x0], axis=-1).astype(jnp.int32)
+  nb = idx.ndim - 1
+  dnums = jax.lax.GatherDimensionNumbers(offset_dims=(nb, nb + 1), collapsed_slice_dims=(), start_index_map=(0, 1))
+  v = jax.lax.gather(image, idx, dnums, slice_sizes=(2, 2), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  return (1.0 - wy) * ((1.0 - wx) * v[..., 0, 0] + wx * v[..., 0, 1]) + wy * ((1.0 - wx) * v[..., 1, 0] + wx * v[..., 1, 1])
+
+
+def _window(corner: jax.Array, win: tuple[int, int], hw: tuple[int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A static win-sized window holding the box at `corner` (box inside the image, sides <= win): int32
+  start and the box-local row/column coordinates of its pixels (win-shaped)."""
+  start = jnp.minimum(corner.astype(jnp.int32), jnp.array([hw[0] - win[0], hw[1] - win[1]], jnp.int32))
+  ly, lx = shapes.pixel_grid(win)
+  return start, ly + (start[0].astype(jnp.float32) - corner[0]), lx + (start[1].astype(jnp.float32) - corner[1])
 
 
 def _erode_zero_pad(x: jax.Array, radius: int) -> jax.Array:
@@ -195,37 +242,16 @@ def _dst_basis(n_win: int, start: jax.Array, n: jax.Array) -> jax.Array:
   return jnp.where(valid, jnp.sin(math.pi * r * k / (nf + 1.0)), 0.0)
 
 
-def poisson_blend(target: jax.Array, source: jax.Array, mask: jax.Array, erode_iters: int = 3,
-                  window: tuple[int, int] | None = None) -> jax.Array:
-  """Poisson image editing of `source` into `target` inside `mask` (all (H, W), aligned), as OpenCV.
-
-  Follows cv2.seamlessClone(NORMAL_CLONE) with the centre that maps the mask onto
-  itself: the mask's image border is cleared, the solve domain is the mask's bounding
-  box, whose outer ring keeps the target values (Dirichlet); the guidance field is the
-  forward-difference gradient of the source inside the mask eroded by a
-  (2·erode_iters+1)² square and of the target elsewhere; Δf = div (backward differences)
-  is solved by a direct DST-I of the box interior (four dense matmuls). Only the box
-  interior changes; callers composite inside the mask.
-
-  `window` (static) bounds the bounding box size: the work is done in a window of that
-  size around the box (taken from the whole image when None); a box larger than the
-  window gives wrong results, so pass it only when the caller knows the bound.
-  """
-  h, w = target.shape
-  wy, wx = (h, w) if window is None else (min(int(window[0]), h), min(int(window[1]), w))
-  m = mask.astype(jnp.float32)
-  m = m.at[0, :].set(0).at[-1, :].set(0).at[:, 0].set(0).at[:, -1].set(0)
+def _blend_window(t: jax.Array, s: jax.Array, m: jax.Array, erode_iters: int) -> jax.Array:
+  """The Poisson solve of `poisson_blend` on a window holding the whole (border-cleared) mask `m`."""
+  wy, wx = t.shape
+  m = m.astype(jnp.float32)
   rows, cols = jnp.any(m > 0, axis=1), jnp.any(m > 0, axis=0)
-  y0, y1 = _bbox_1d(rows)
-  x0, x1 = _bbox_1d(cols)
+  oy, y1 = _bbox_1d(rows)
+  ox, x1 = _bbox_1d(cols)
   has = jnp.any(rows)
-  sy, sx = jnp.minimum(y0, h - wy), jnp.minimum(x0, w - wx)
-  t = jax.lax.dynamic_slice(target, (sy, sx), (wy, wx))
-  s = jax.lax.dynamic_slice(source, (sy, sx), (wy, wx))
-  m = jax.lax.dynamic_slice(m, (sy, sx), (wy, wx))
-  oy, ox = y0 - sy, x0 - sx  # box corner in the window
-  ny = jnp.where(has, y1 - y0 - 1, 0)  # interior size (nothing to solve for an empty mask)
-  nx = jnp.where(has, x1 - x0 - 1, 0)
+  ny = jnp.where(has, y1 - oy - 1, 0)  # interior size (nothing to solve for an empty mask)
+  nx = jnp.where(has, x1 - ox - 1, 0)
   ry = jnp.arange(wy)[:, None] - oy
   rx = jnp.arange(wx)[None, :] - ox
   interior = ((ry >= 1) & (ry <= ny) & (rx >= 1) & (rx <= nx)).astype(jnp.float32)
@@ -250,25 +276,56 @@ def poisson_blend(target: jax.Array, source: jax.Array, mask: jax.Array, erode_i
   coef = jnp.where(modes, coef / jnp.where(modes, lam_y[:, None] + lam_x[None, :], -1.0), 0.0)
   u = jnp.matmul(jnp.matmul(by, coef, precision=hp), bx.T, precision=hp)
   u = u * (4.0 / jnp.maximum((nyf + 1.0) * (nxf + 1.0), 1.0))
-  out = jnp.where(interior > 0, u, t)
-  return jax.lax.dynamic_update_slice(target, out, (sy, sx))
+  return jnp.where(interior > 0, u, t)
+
+
+def _clear_image_border(m: jax.Array, start: jax.Array, hw: tuple[int, int]) -> jax.Array:
+  """Zeroes the pixels of window `m` (at `start`) that lie on the image's outermost rows/columns."""
+  ry = jnp.arange(m.shape[0])[:, None] + start[0]
+  rx = jnp.arange(m.shape[1])[None, :] + start[1]
+  return m & (ry > 0) & (ry < hw[0] - 1) & (rx > 0) & (rx < hw[1] - 1)
+
+
+def poisson_blend(target: jax.Array, source: jax.Array, mask: jax.Array, erode_iters: int = 3,
+                  window: tuple[int, int] | None = None) -> jax.Array:
+  """Poisson image editing of `source` into `target` inside `mask` (all (H, W), aligned), as OpenCV.
+
+  Follows cv2.seamlessClone(NORMAL_CLONE) with the centre that maps the mask onto
+  itself: the mask's image border is cleared, the solve domain is the mask's bounding
+  box, whose outer ring keeps the target values (Dirichlet); the guidance field is the
+  forward-difference gradient of the source inside the mask eroded by a
+  (2·erode_iters+1)² square and of the target elsewhere; Δf = div (backward differences)
+  is solved by a direct DST-I of the box interior (four dense matmuls). Only the box
+  interior changes; callers composite inside the mask.
+
+  `window` (static) bounds the bounding box size: the work is done in a window of that
+  size around the box (taken from the whole image when None); a box larger than the
+  window gives wrong results, so pass it only when the caller knows the bound.
+  """
+  h, w = target.shape
+  wy, wx = (h, w) if window is None else (min(int(window[0]), h), min(int(window[1]), w))
+  m = _clear_image_border(mask > 0, jnp.zeros(2, jnp.int32), (h, w))
+  y0, _ = _bbox_1d(jnp.any(m, axis=1))
+  x0, _ = _bbox_1d(jnp.any(m, axis=0))
+  start = (jnp.minimum(y0, h - wy), jnp.minimum(x0, w - wx))
+  cut = lambda a: jax.lax.dynamic_slice(a, start, (wy, wx))
+  return jax.lax.dynamic_update_slice(target, _blend_window(cut(target), cut(source), cut(m), erode_iters), start)
 
 
 def _repeat(key: jax.Array, image: jax.Array, cfg: ml_collections.ConfigDict, once):
-  """Applies `once` 1..max_anomalies times (each next with extra_anomaly_prob); returns image, union mask."""
+  """Applies `once` 1..max_anomalies times (each next with extra_anomaly_prob); returns image, union mask.
+
+  Extra anomalies run under `lax.cond`: a real branch (skipped when off) when samples are
+  mapped one by one, a select of both results under vmap.
+  """
   flags = shapes.num_anomalies_flags(jax.random.fold_in(key, 1_000_003), cfg.shapes)
-  x = image
-  union = jnp.zeros_like(image)
-  for a in range(int(cfg.shapes.max_anomalies)):
-    xa, ma = once(jax.random.fold_in(key, a), x)
-    x = jnp.where(flags[a], xa, x)
-    union = jnp.where(flags[a], jnp.maximum(union, ma), union)
+  x, union = once(jax.random.fold_in(key, 0), image)
+  for a in range(1, int(cfg.shapes.max_anomalies)):
+    def apply(c, a=a):
+      xa, ma = once(jax.random.fold_in(key, a), c[0])
+      return xa, jnp.maximum(c[1], ma)
+    x, union = jax.lax.cond(flags[a], apply, lambda c: c, (x, union))
   return x, union
-
-
-def _local(corner: jax.Array, hw: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-  yy, xx = shapes.pixel_grid(hw)
-  return yy - corner[0], xx - corner[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,22 +340,26 @@ def cutpaste(key: jax.Array, image: jax.Array, source: jax.Array,
   if source.ndim == 2:
     source = source[None]
   fg = shapes.foreground_mask(image, sc) if sc.foreground_only else None
-  box_bound = shapes.size_bounds(cc.min_prop, cc.max_prop, hw)[1]  # the mask lies in a box smaller than this
+  # Each anomaly is computed on a static window of the box's size bound around its box.
+  win = tuple(min(b, s) for b, s in zip(shapes.size_bounds(cc.min_prop, cc.max_prop, hw)[1], hw))
 
   def once(k, x):
     k_shape, k_place, k_src, k_rot, k_scale, k_flip, k_corner = jax.random.split(k, 7)
     shape = shapes.sample_perlin_shape(k_shape, hw, cc.min_prop, cc.max_prop, sc)
     fn = lambda y, x_: shapes.perlin_mask(shape, y, x_)
     corner = shapes.place(k_place, fn, shape.size, x, sc)
-    ly, lx = _local(corner, hw)
+    start, ly, lx = _window(corner, win, hw)
+    cut = lambda a: jax.lax.dynamic_slice(a, (start[0], start[1]), win)
     m = fn(ly, lx)
     if fg is not None:
-      m = m & fg
+      m = m & cut(fg)
     src = source[jax.random.randint(k_src, (), 0, source.shape[0])]
     vals = warp_region(k_rot, k_scale, k_flip, k_corner, shape.size, ly, lx, src, cc)
+    xw = cut(x)
     if cc.paste_mode == "poisson":
-      vals = jnp.clip(poisson_blend(x, vals, m, int(cc.poisson_erode), window=box_bound), 0.0, 1.0)
-    return jnp.where(m, vals, x), m.astype(jnp.float32)
+      vals = jnp.clip(_blend_window(xw, vals, _clear_image_border(m, start, hw), int(cc.poisson_erode)), 0.0, 1.0)
+    put = lambda full, w: jax.lax.dynamic_update_slice(full, w, (start[0], start[1]))
+    return put(x, jnp.where(m, vals, xw)), put(jnp.zeros(hw, jnp.float32), m.astype(jnp.float32))
 
   out, union = _repeat(key, image, cfg, once)
   changed = (jnp.abs(out - image) > float(cc.change_threshold)) & (union > 0)
@@ -349,26 +410,35 @@ def gauss_intensity(key: jax.Array, image: jax.Array, cfg: ml_collections.Config
   tex_sigmas = jnp.asarray(gc.texture_sigmas, jnp.float32)
   tr = float(gc.truncate)
 
+  win = tuple(min(b, s) for b, s in zip(shapes.size_bounds(gc.min_prop, gc.max_prop, hw)[1], hw))
+  words = -(-hw[1] // 32)
+
   def once(k, x):
     k_shape, k_place, k_noise, k_tsig, k_amp, k_sign, k_msig = jax.random.split(k, 7)
     shape = shapes.sample_perlin_shape(k_shape, hw, gc.min_prop, gc.max_prop, sc)
     fn = lambda y, x_: shapes.perlin_mask(shape, y, x_)
     corner = shapes.place(k_place, fn, shape.size, x, sc)
-    m = fn(*_local(corner, hw))
+    start, ly, lx = _window(corner, win, hw)
+    cut = lambda a: jax.lax.dynamic_slice(a, (start[0], start[1]), win)
+    m = fn(ly, lx)
     if fg is not None:
-      m = m & fg
+      m = m & cut(fg)
     mf = m.astype(jnp.float32)
-    noise = jax.random.bernoulli(k_noise, 0.5, hw).astype(jnp.float32)  # [N(0, 1) >= 0]
+    # [N(0, 1) >= 0] is a fair coin per pixel: one random bit each.
+    noise = _unpack(jax.random.bits(k_noise, (hw[0], words), jnp.uint32), hw[1]).astype(jnp.float32)
     tsig = tex_sigmas[jax.random.randint(k_tsig, (), 0, tex_sigmas.shape[0])]
     tex = gaussian_filter(noise, tsig, float(max(gc.texture_sigmas)), tr)
-    tex = (tex - jnp.min(tex)) / jnp.maximum(jnp.max(tex) - jnp.min(tex), 1e-12)
+    lo, hi = jnp.min(tex), jnp.max(tex)  # normalised over the whole image, as the reference
+    tex = (cut(tex) - lo) / jnp.maximum(hi - lo, 1e-12)
     amp = jax.random.uniform(k_amp, (), minval=gc.amplitude[0], maxval=gc.amplitude[1])
     amp = jnp.where(jax.random.bernoulli(k_sign), amp, -amp)
     tex = jnp.clip(tex * amp, -1.0, 1.0)
     msig = jax.random.uniform(k_msig, (), minval=gc.mask_sigma[0], maxval=gc.mask_sigma[1])
-    soft = gaussian_filter(mf, msig, float(gc.mask_sigma[1]), tr)
-    out = jnp.clip(jnp.where(m, x + tex * soft, x), 0.0, 1.0)
-    return out, mf
+    full_m = jax.lax.dynamic_update_slice(jnp.zeros(hw, jnp.float32), mf, (start[0], start[1]))
+    soft = _gaussian_filter_window(full_m, start, win, msig, float(gc.mask_sigma[1]), tr)
+    xw = cut(x)
+    out = jnp.clip(jnp.where(m, xw + tex * soft, xw), 0.0, 1.0)
+    return jax.lax.dynamic_update_slice(x, out, (start[0], start[1])), full_m
 
   return _repeat(key, image, cfg, once)
 
@@ -376,37 +446,28 @@ def gauss_intensity(key: jax.Array, image: jax.Array, cfg: ml_collections.Config
 def deformation(key: jax.Array, image: jax.Array, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
   """Radial bulge inside a sheared, rotated rectangle or ellipse (the reference's Source task).
 
-  Each anomaly's warp is analytic, so the anomalies are composed as coordinate maps
-  (x_n(p) = x_0(w_1(...w_n(p)))) and the image is resampled once; this also keeps XLA
-  from fusing one resampling into the next one's gather. Foreground placement of every
-  anomaly uses the input image's foreground.
+  Each pixel of the shape at radius r from a random inner point c, along direction u,
+  samples the image at c + R·(r/R)^f·u, R the distance from c to the shape's edge along u.
+  Anomalies are applied one after another (as the reference), each on a window of the
+  box bound around its box; foreground placement uses the input image's foreground.
   """
   dc, sc = cfg.deformation, cfg.shapes
   hw = image.shape
-  yy, xx = shapes.pixel_grid(hw)
   fg = shapes.foreground_mask(image, sc) if sc.foreground_only else None
-  flags = shapes.num_anomalies_flags(jax.random.fold_in(key, 1_000_003), sc)
-  warps = []
-  union = jnp.zeros(hw, bool)
-  for a in range(int(sc.max_anomalies)):
-    k_shape, k_place, k_f, k_c = jax.random.split(jax.random.fold_in(key, a), 4)
+  win = tuple(min(b, s) for b, s in zip(shapes.size_bounds(dc.min_prop, dc.max_prop, hw)[1], hw))
+
+  def once(k, x):
+    k_shape, k_place, k_f, k_c = jax.random.split(k, 4)
     shape = shapes.sample_hypershape(k_shape, hw, dc.min_prop, dc.max_prop, sc)
     fn = functools.partial(shapes.hypershape_mask, shape)
     corner = shapes.place(k_place, fn, shape.box, image, sc)
     f = 2.0 ** jax.random.uniform(k_f, (), minval=dc.log2_factor[0], maxval=dc.log2_factor[1])
     c = shapes.random_point_in(k_c, fn, shape.box, int(sc.placement_candidates))
-    m = fn(yy - corner[0], xx - corner[1])
+    start, ly, lx = _window(corner, win, hw)
+    cut = lambda a: jax.lax.dynamic_slice(a, (start[0], start[1]), win)
+    m = fn(ly, lx)
     if fg is not None:
-      m = m & fg
-    union = union | (m & flags[a])
-    warps.append((shape, corner, f, c, flags[a]))
-
-  def warp(params, qy, qx):
-    shape, corner, f, c, on = params
-    ly, lx = qy - corner[0], qx - corner[1]
-    inside = shapes.hypershape_mask(shape, ly, lx)
-    if fg is not None:
-      inside = inside & (_sample(fg.astype(jnp.float32), qy, qx) > 0.5)
+      m = m & cut(fg)
     dy, dx = ly - c[0], lx - c[1]
     r = jnp.sqrt(dy * dy + dx * dx)
     rs = jnp.where(r > 0, r, 1.0)
@@ -414,14 +475,13 @@ def deformation(key: jax.Array, image: jax.Array, cfg: ml_collections.ConfigDict
     big_r = shapes.hypershape_edge_distance(shape, c[0], c[1], uy, ux)
     new_r = big_r * jnp.clip(r / jnp.maximum(big_r, 1e-6), 0.0, 1.0) ** f
     border = (ly <= 0) | (ly >= shape.box[0] - 1.0) | (lx <= 0) | (lx >= shape.box[1] - 1.0)
-    move = on & inside & ~border & (r > 0)
-    return jnp.where(move, corner[0] + c[0] + new_r * uy, qy), jnp.where(move, corner[1] + c[1] + new_r * ux, qx)
+    move = m & ~border & (r > 0)
+    qy = corner[0] + jnp.where(move, c[0] + new_r * uy, ly)
+    qx = corner[1] + jnp.where(move, c[1] + new_r * ux, lx)
+    put = lambda full, w: jax.lax.dynamic_update_slice(full, w, (start[0], start[1]))
+    return put(x, jnp.where(m, _sample(x, qy, qx), cut(x))), put(jnp.zeros(hw, jnp.float32), m.astype(jnp.float32))
 
-  qy, qx = yy, xx
-  for params in reversed(warps):
-    qy, qx = warp(params, qy, qx)
-  out = jnp.where(union, _sample(image, qy, qx), image)
-  return out, union.astype(jnp.float32)
+  return _repeat(key, image, cfg, once)
 
 
 def identity(key: jax.Array, image: jax.Array, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
