@@ -11,7 +11,6 @@ that is too lossy on the data.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,32 +24,20 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
+from data_pipelines import datasets, preprocess  # pylint: disable=wrong-import-position
 from mediclip_jax.models import vae as V  # pylint: disable=wrong-import-position
 from mediclip_jax.weights.io import CheckpointError  # pylint: disable=wrong-import-position
 
 
 def load_support_images(root: str | os.PathLike, size: int, limit: int = 0) -> tuple[np.ndarray, list[str]]:
-  """Support images of a MediCLIP-layout dataset (`samples/train.json`, files under `images/`) as (N, size, size) in [0, 1]."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  root = Path(root)
-  index = root / "samples" / "train.json"
-  if not index.is_file():
-    raise FileNotFoundError(f"{index}: expected the MediCLIP support list (one JSON object per line with 'filename')")
-  names = []
-  with open(index) as f:
-    for i, line in enumerate(f):
-      if line.strip():
-        rec = json.loads(line)
-        if "filename" not in rec:
-          raise ValueError(f"{index}:{i + 1}: missing field 'filename'")
-        names.append(rec["filename"])
+  """Normal training (support) images of a dataset as (N, size, size) in [0, 1] and their names,
+  read as training reads them (data_pipelines: any layout it accepts, bilinear resize, then gray)."""
+  samples = [s for s in datasets.load_dataset(root).train if s.label == 0]
   if limit:
-    names = names[:limit]
-  images = []
-  for n in names:
-    with Image.open(root / "images" / n) as im:
-      images.append(np.asarray(im.convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255.0)
-  return np.stack(images), names
+    samples = samples[:limit]
+  if not samples:
+    raise ValueError(f"{root}: no normal training images")
+  return np.stack([preprocess.load_train_image(s.path, size) for s in samples]), [s.name for s in samples]
 
 
 def psnr(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -13,21 +13,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mediclip_jax.synthesis import data, mix, pixel, shapes
+from data_pipelines import datasets, preprocess
+from mediclip_jax.synthesis import mix, pixel, shapes
 
 N_STATS = 1000
 # Reference positive-pixel fractions (MEDICLIP.md §2.10, mid-points of the measured ranges).
 REF_FRACTION = {"cutpaste": 0.063, "gauss_intensity": 0.1565, "deformation": 0.088}
 
 
+def _normal_images(root, n: int = 16) -> np.ndarray:
+  paths = [s.path for s in datasets.load_dataset(root).train if s.label == 0][:n]
+  return np.stack([preprocess.load_train_image(p, 224) for p in paths])
+
+
 @pytest.fixture(scope="module")
 def brain(shared_dir) -> np.ndarray:
-  return data.read_images(shared_dir / "data" / "brainmri", n=16)
+  return _normal_images(shared_dir / "data" / "brainmri")
 
 
 @pytest.fixture(scope="module")
 def busi(shared_dir) -> np.ndarray:
-  return data.read_images(shared_dir / "data" / "busi", n=16)
+  return _normal_images(shared_dir / "data" / "busi")
 
 
 def _task_fn(name: str, support: jax.Array, cfg):
