@@ -4,8 +4,9 @@ Each task maps (key, image[, source], cfg) to (image, mask): images are float32
 (H, W) in [0, 1], masks float32 (H, W) in {0, 1}. Shapes come from the inputs and
 stay static; every random size, angle and position is a traced value. Each task
 places 1 anomaly, then another of the same task on top with probability ½ (up to
-`shapes.max_anomalies`); the extra anomalies are always computed and selected, so
-the cost is static.
+`shapes.max_anomalies`); extra anomalies run under `lax.cond` (skipped when samples
+are mapped one by one, computed and selected under vmap). Each anomaly works on a
+static window of its box's size bound, placed around the box, not on the whole image.
 
 Tasks:
   * cutpaste: a rotated, scaled region of a support image resampled into a Perlin
@@ -19,9 +20,10 @@ Tasks:
   * identity: the image unchanged, an empty mask.
 
 Deviations from the reference (documented, configurable where it matters): resampling
-is bilinear (`jax.scipy.ndimage.map_coordinates` supports order ≤ 1; the reference
-uses cubic splines); outputs are not quantised to uint8; the softened mask of the
-intensity task is filtered on the whole image rather than the patch box; hole filling
+is bilinear (one 2×2-block gather per pixel; the reference uses cubic splines); outputs
+are not quantised to uint8; the softened mask of the intensity task is filtered as on the
+whole image rather than on the patch box; deformation anomalies are resampled in turn
+with bilinear interpolation; hole filling
 of the cut-paste label propagates the outside region for `hole_fill_iters` steps
 instead of a full morphological reconstruction.
 """
