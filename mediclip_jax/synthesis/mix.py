@@ -16,7 +16,8 @@ Dispatch (`cfg.dispatch`, static): "switch" vmaps a `lax.switch` over the batch,
 which XLA turns into a select, so every task is computed for every sample (best on
 GPU/TPU: one wide kernel per op); "map" runs samples one after another with
 `lax.map`, where the switch is a real branch and only the chosen task runs (best on
-CPU). Both give identical results.
+CPU). Both give identical results. "auto" (the default) picks "map" on CPU and
+"switch" on accelerators, at trace time.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import numpy as np
 from mediclip_jax.synthesis import pixel
 
 TASKS: tuple[str, ...] = ("cutpaste", "gauss_intensity", "deformation", "identity")
-DISPATCH_MODES = ("switch", "map")
+DISPATCH_MODES = ("auto", "switch", "map")
 
 TaskFn = Callable[[jax.Array, jax.Array, jax.Array, ml_collections.ConfigDict], tuple[jax.Array, jax.Array]]
 
@@ -47,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   """Task probabilities (reference: 0.25 each), dispatch mode and the nested pixel/shape knobs."""
   c = ml_collections.ConfigDict()
   c.probs = ml_collections.ConfigDict({t: 0.25 for t in TASKS})
-  c.dispatch = "switch"
+  c.dispatch = "auto"
   c.pixel = pixel.default_config()
   return c
 
@@ -72,6 +73,15 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.dispatch not in DISPATCH_MODES:
     raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {cfg.dispatch!r}")
   pixel.validate_config(cfg.pixel)
+
+
+def resolve_dispatch(mode: str) -> str:
+  """"switch" or "map" for a configured dispatch mode ("auto": map on CPU, switch elsewhere)."""
+  if mode == "auto":
+    return "map" if jax.default_backend() == "cpu" else "switch"
+  if mode not in DISPATCH_MODES:
+    raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {mode!r}")
+  return mode
 
 
 def sample_keys(base_key: jax.Array, step: jax.Array | int, sample_index: jax.Array) -> jax.Array:
@@ -107,7 +117,7 @@ def synthesize_batch(key: jax.Array, step: jax.Array | int, images: jax.Array, s
   split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
   tasks = choose_tasks(split[:, 0], task_probs(cfg))
   one = lambda t, k, im: apply_task(t, k, im, support, cfg)
-  if cfg.dispatch == "switch":
+  if resolve_dispatch(cfg.dispatch) == "switch":
     out, mask = jax.vmap(one)(tasks, split[:, 1], images)
   else:
     out, mask = jax.lax.map(lambda a: one(*a), (tasks, split[:, 1], images))

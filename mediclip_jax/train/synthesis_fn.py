@@ -106,7 +106,7 @@ def build_synthesis(cfg: ml_collections.ConfigDict, vae=None) -> tuple[Callable,
     # Latent samples run the (cheap) identity pixel task here; their result is replaced later.
     pixel_task = jnp.where(tasks >= n_pixel, mix.TASKS.index("identity"), tasks)
     one = lambda t, k, im: mix.apply_task(t, k, im, aux["support"], pixel_cfg)
-    if pixel_cfg.dispatch == "switch":
+    if mix.resolve_dispatch(pixel_cfg.dispatch) == "switch":
       out, mask = jax.vmap(one)(pixel_task, task_keys, images)
     else:
       out, mask = jax.lax.map(lambda a: one(*a), (pixel_task, task_keys, images))
