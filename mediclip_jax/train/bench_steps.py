@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from mediclip_jax.models import vae as vae_lib
 from mediclip_jax.models.clip import clip_normalize
 from mediclip_jax.parallel import batch_sharding, replicated
-from mediclip_jax.train.losses import mediclip_loss
+from mediclip_jax.train.step import update_on_batch
 
 
 MODES = ("fused", "host", "synthetic")
@@ -53,28 +53,11 @@ def make_fed_train_step(graphdef, optimizer: optax.GradientTransformation, mesh:
   """Jitted `step(state, frozen, batch) -> (state, metrics)` on ready data; `state` is donated.
 
   frozen = {"model": frozen model state}; batch = {"image": (B,H,W) in [0,1], "mask": (B,H,W)},
-  split over `data`. The body after synthesis is the fused step's, line for line.
+  split over `data`. The body is the fused step's own update (`step.update_on_batch`).
   """
 
   def step(state: dict, frozen: dict, batch: dict):
-    x = clip_normalize(batch["image"])
-    mask = batch["mask"]
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, frozen["model"])
-      out = model(x)
-      loss, parts = mediclip_loss(out.prob_abnormal, mask, truncate_labels=loss_cfg.truncate_labels,
-                                  gamma=loss_cfg.focal_gamma)
-      return loss, parts
-
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
-               "mask_fraction": jnp.mean(mask)}
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
-    return new_state, metrics
+    return update_on_batch(graphdef, optimizer, loss_cfg, state, frozen["model"], batch["image"], batch["mask"])
 
   rep, data = replicated(mesh), batch_sharding(mesh)
   return jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, data), out_shardings=(rep, rep))

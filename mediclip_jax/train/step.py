@@ -55,6 +55,31 @@ def make_synthesizer(synth_fn: Callable, mesh: Mesh) -> Callable:
                        check_vma=False)
 
 
+def update_on_batch(graphdef, optimizer: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
+                    state: TrainState, frozen_model, images: jax.Array, masks: jax.Array):
+  """Loss, gradients (prompts and adapters only) and the optax update on ready images and masks.
+
+  The part of the step after synthesis; `images` are (B,H,W) grayscale in [0,1].
+  Returns (new state, metrics).
+  """
+  x = clip_normalize(images)
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, frozen_model)
+    out = model(x)
+    return mediclip_loss(out.prob_abnormal, masks, truncate_labels=loss_cfg.truncate_labels,
+                         gamma=loss_cfg.focal_gamma)
+
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
+             "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
+             "mask_fraction": jnp.mean(masks)}
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
+  return new_state, metrics
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, synth_fn: Callable, mesh: Mesh,
                     loss_cfg: ml_collections.ConfigDict) -> Callable:
   """Returns jitted `step(state, frozen, batch) -> (state, metrics)`; `state` is donated.
@@ -68,23 +93,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, synth_fn:
     key = jax.random.wrap_key_data(state["rng"])
     images = jnp.take(frozen["support"], batch["support_index"], axis=0)
     syn = synthesize(key, state["step"], images, batch["sample_index"], frozen["aux"])
-    x = clip_normalize(syn["image"])
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, frozen["model"])
-      out = model(x)
-      loss, parts = mediclip_loss(out.prob_abnormal, syn["mask"], truncate_labels=loss_cfg.truncate_labels,
-                                  gamma=loss_cfg.focal_gamma)
-      return loss, parts
-
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
-               "mask_fraction": jnp.mean(syn["mask"])}
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
-    return new_state, metrics
+    return update_on_batch(graphdef, optimizer, loss_cfg, state, frozen["model"], syn["image"], syn["mask"])
 
   rep, data = replicated(mesh), batch_sharding(mesh)
   return jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, data), out_shardings=(rep, rep))
