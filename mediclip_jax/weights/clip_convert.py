@@ -83,24 +83,30 @@ def config_from_openai(sd: Mapping[str, np.ndarray], act: str = "quick_gelu") ->
     raise CheckpointError(f"OpenAI/open_clip state dict lacks {e.args[0]!r}, needed to infer the architecture") from e
 
 
-def _openai_block(sd, src: str, dst: str, out: dict) -> None:
-  out[f"{dst}.ln_1.scale"] = sd[f"{src}.ln_1.weight"]
-  out[f"{dst}.ln_1.bias"] = sd[f"{src}.ln_1.bias"]
-  out[f"{dst}.attn.qkv.kernel"] = _t(sd[f"{src}.attn.in_proj_weight"])
-  out[f"{dst}.attn.qkv.bias"] = sd[f"{src}.attn.in_proj_bias"]
-  out[f"{dst}.attn.out.kernel"] = _t(sd[f"{src}.attn.out_proj.weight"])
-  out[f"{dst}.attn.out.bias"] = sd[f"{src}.attn.out_proj.bias"]
-  out[f"{dst}.ln_2.scale"] = sd[f"{src}.ln_2.weight"]
-  out[f"{dst}.ln_2.bias"] = sd[f"{src}.ln_2.bias"]
-  out[f"{dst}.fc.kernel"] = _t(sd[f"{src}.mlp.c_fc.weight"])
-  out[f"{dst}.fc.bias"] = sd[f"{src}.mlp.c_fc.bias"]
-  out[f"{dst}.proj.kernel"] = _t(sd[f"{src}.mlp.c_proj.weight"])
-  out[f"{dst}.proj.bias"] = sd[f"{src}.mlp.c_proj.bias"]
+# Per residual block: (our name, source names concatenated along axis 0, transpose to (in, out)).
+BlockTable = tuple[tuple[str, tuple[str, ...], bool], ...]
+
+_OPENAI_BLOCK: BlockTable = (
+    ("ln_1.scale", ("ln_1.weight",), False), ("ln_1.bias", ("ln_1.bias",), False),
+    ("attn.qkv.kernel", ("attn.in_proj_weight",), True), ("attn.qkv.bias", ("attn.in_proj_bias",), False),
+    ("attn.out.kernel", ("attn.out_proj.weight",), True), ("attn.out.bias", ("attn.out_proj.bias",), False),
+    ("ln_2.scale", ("ln_2.weight",), False), ("ln_2.bias", ("ln_2.bias",), False),
+    ("fc.kernel", ("mlp.c_fc.weight",), True), ("fc.bias", ("mlp.c_fc.bias",), False),
+    ("proj.kernel", ("mlp.c_proj.weight",), True), ("proj.bias", ("mlp.c_proj.bias",), False),
+)
 
 
-_OPENAI_BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
-                      "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
-                      "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+def _block_keys(table: BlockTable, prefix: str, n: int) -> set[str]:
+  """Every source tensor name `table` reads for blocks 0..n-1 under `prefix` (e.g. 'transformer.resblocks.')."""
+  return {f"{prefix}{i}.{k}" for i in range(n) for _, srcs, _ in table for k in srcs}
+
+
+def _convert_blocks(sd, table: BlockTable, src_prefix: str, dst_prefix: str, n: int, out: dict) -> None:
+  for i in range(n):
+    for dst, srcs, transpose in table:
+      a = np.concatenate([sd[f"{src_prefix}{i}.{k}"] for k in srcs], axis=0) if len(srcs) > 1 \
+          else sd[f"{src_prefix}{i}.{srcs[0]}"]
+      out[f"{dst_prefix}{i}.{dst}"] = _t(a) if transpose else a
 
 
 def _used_openai_keys(cfg: CLIPConfig) -> set[str]:
@@ -108,8 +114,8 @@ def _used_openai_keys(cfg: CLIPConfig) -> set[str]:
           "visual.ln_pre.weight", "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias",
           "visual.proj", "token_embedding.weight", "positional_embedding", "ln_final.weight",
           "ln_final.bias", "text_projection", "logit_scale"}
-  keys |= {f"visual.transformer.resblocks.{i}.{k}" for i in range(cfg.vision_layers) for k in _OPENAI_BLOCK_KEYS}
-  keys |= {f"transformer.resblocks.{i}.{k}" for i in range(cfg.text_layers) for k in _OPENAI_BLOCK_KEYS}
+  keys |= _block_keys(_OPENAI_BLOCK, "visual.transformer.resblocks.", cfg.vision_layers)
+  keys |= _block_keys(_OPENAI_BLOCK, "transformer.resblocks.", cfg.text_layers)
   return keys
 
 
@@ -135,10 +141,8 @@ def from_openai(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, source: str) -> d
       "text.proj": sd["text_projection"],
       "logit_scale": np.asarray(sd["logit_scale"]).reshape(()),
   }
-  for i in range(cfg.vision_layers):
-    _openai_block(sd, f"visual.transformer.resblocks.{i}", f"visual.blocks.{i}", out)
-  for i in range(cfg.text_layers):
-    _openai_block(sd, f"transformer.resblocks.{i}", f"text.blocks.{i}", out)
+  _convert_blocks(sd, _OPENAI_BLOCK, "visual.transformer.resblocks.", "visual.blocks.", cfg.vision_layers, out)
+  _convert_blocks(sd, _OPENAI_BLOCK, "transformer.resblocks.", "text.blocks.", cfg.text_layers, out)
   return out
 
 
@@ -166,26 +170,15 @@ def config_from_hf(hf: Mapping) -> CLIPConfig:
     raise CheckpointError(f"config.json lacks field {e.args[0]!r} of a transformers CLIPModel config") from e
 
 
-def _hf_block(sd, src: str, dst: str, out: dict) -> None:
-  qkv_w = np.concatenate([sd[f"{src}.self_attn.{n}_proj.weight"] for n in "qkv"], axis=0)
-  qkv_b = np.concatenate([sd[f"{src}.self_attn.{n}_proj.bias"] for n in "qkv"], axis=0)
-  out[f"{dst}.ln_1.scale"] = sd[f"{src}.layer_norm1.weight"]
-  out[f"{dst}.ln_1.bias"] = sd[f"{src}.layer_norm1.bias"]
-  out[f"{dst}.attn.qkv.kernel"] = _t(qkv_w)
-  out[f"{dst}.attn.qkv.bias"] = qkv_b
-  out[f"{dst}.attn.out.kernel"] = _t(sd[f"{src}.self_attn.out_proj.weight"])
-  out[f"{dst}.attn.out.bias"] = sd[f"{src}.self_attn.out_proj.bias"]
-  out[f"{dst}.ln_2.scale"] = sd[f"{src}.layer_norm2.weight"]
-  out[f"{dst}.ln_2.bias"] = sd[f"{src}.layer_norm2.bias"]
-  out[f"{dst}.fc.kernel"] = _t(sd[f"{src}.mlp.fc1.weight"])
-  out[f"{dst}.fc.bias"] = sd[f"{src}.mlp.fc1.bias"]
-  out[f"{dst}.proj.kernel"] = _t(sd[f"{src}.mlp.fc2.weight"])
-  out[f"{dst}.proj.bias"] = sd[f"{src}.mlp.fc2.bias"]
-
-
-_HF_BLOCK_KEYS = tuple(f"self_attn.{n}_proj.{w}" for n in ("q", "k", "v", "out") for w in ("weight", "bias")) + (
-    "layer_norm1.weight", "layer_norm1.bias", "layer_norm2.weight", "layer_norm2.bias",
-    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+_HF_BLOCK: BlockTable = (
+    ("ln_1.scale", ("layer_norm1.weight",), False), ("ln_1.bias", ("layer_norm1.bias",), False),
+    ("attn.qkv.kernel", tuple(f"self_attn.{n}_proj.weight" for n in "qkv"), True),
+    ("attn.qkv.bias", tuple(f"self_attn.{n}_proj.bias" for n in "qkv"), False),
+    ("attn.out.kernel", ("self_attn.out_proj.weight",), True), ("attn.out.bias", ("self_attn.out_proj.bias",), False),
+    ("ln_2.scale", ("layer_norm2.weight",), False), ("ln_2.bias", ("layer_norm2.bias",), False),
+    ("fc.kernel", ("mlp.fc1.weight",), True), ("fc.bias", ("mlp.fc1.bias",), False),
+    ("proj.kernel", ("mlp.fc2.weight",), True), ("proj.bias", ("mlp.fc2.bias",), False),
+)
 
 
 def from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, source: str) -> dict[str, np.ndarray]:
@@ -196,8 +189,8 @@ def from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, source: str) -> dict[
           f"{v}post_layernorm.weight", f"{v}post_layernorm.bias", "visual_projection.weight",
           f"{t}embeddings.token_embedding.weight", f"{t}embeddings.position_embedding.weight",
           f"{t}final_layer_norm.weight", f"{t}final_layer_norm.bias", "text_projection.weight", "logit_scale"}
-  used |= {f"{v}encoder.layers.{i}.{k}" for i in range(cfg.vision_layers) for k in _HF_BLOCK_KEYS}
-  used |= {f"{t}encoder.layers.{i}.{k}" for i in range(cfg.text_layers) for k in _HF_BLOCK_KEYS}
+  used |= _block_keys(_HF_BLOCK, f"{v}encoder.layers.", cfg.vision_layers)
+  used |= _block_keys(_HF_BLOCK, f"{t}encoder.layers.", cfg.text_layers)
   missing = sorted(used - set(sd))
   extra = sorted(k for k in sd if k not in used and not k.endswith(_IGNORED))
   if missing or extra:
@@ -217,10 +210,8 @@ def from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, source: str) -> dict[
       "text.proj": _t(sd["text_projection.weight"]),
       "logit_scale": np.asarray(sd["logit_scale"]).reshape(()),
   }
-  for i in range(cfg.vision_layers):
-    _hf_block(sd, f"{v}encoder.layers.{i}", f"visual.blocks.{i}", out)
-  for i in range(cfg.text_layers):
-    _hf_block(sd, f"{t}encoder.layers.{i}", f"text.blocks.{i}", out)
+  _convert_blocks(sd, _HF_BLOCK, f"{v}encoder.layers.", "visual.blocks.", cfg.vision_layers, out)
+  _convert_blocks(sd, _HF_BLOCK, f"{t}encoder.layers.", "text.blocks.", cfg.text_layers, out)
   return out
 
 
