@@ -103,6 +103,21 @@ def apply_task(task: jax.Array, key: jax.Array, image: jax.Array, support: jax.A
   return jax.lax.switch(task, branches, key, image, support)
 
 
+def split_sample_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(choice keys, task keys): the two streams a sample's key is split into."""
+  split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+  return split[:, 0], split[:, 1]
+
+
+def apply_tasks(tasks: jax.Array, keys: jax.Array, images: jax.Array, support: jax.Array,
+                cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """Runs each sample's task with its key, dispatched as `cfg.dispatch` says; returns (images, masks)."""
+  one = lambda t, k, im: apply_task(t, k, im, support, cfg)
+  if resolve_dispatch(cfg.dispatch) == "switch":
+    return jax.vmap(one)(tasks, keys, images)
+  return jax.lax.map(lambda a: one(*a), (tasks, keys, images))
+
+
 def synthesize_batch(key: jax.Array, step: jax.Array | int, images: jax.Array, sample_index: jax.Array,
                      support: jax.Array, cfg: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   """Synthesises anomalies for a batch: returns dict(image (B,H,W), mask (B,H,W), task (B,) int32).
@@ -113,12 +128,7 @@ def synthesize_batch(key: jax.Array, step: jax.Array | int, images: jax.Array, s
   validate_config(cfg)
   images = jnp.asarray(images, jnp.float32)
   support = jnp.asarray(support, jnp.float32)
-  keys = sample_keys(key, step, sample_index)
-  split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-  tasks = choose_tasks(split[:, 0], task_probs(cfg))
-  one = lambda t, k, im: apply_task(t, k, im, support, cfg)
-  if resolve_dispatch(cfg.dispatch) == "switch":
-    out, mask = jax.vmap(one)(tasks, split[:, 1], images)
-  else:
-    out, mask = jax.lax.map(lambda a: one(*a), (tasks, split[:, 1], images))
+  choice_keys, task_keys = split_sample_keys(sample_keys(key, step, sample_index))
+  tasks = choose_tasks(choice_keys, task_probs(cfg))
+  out, mask = apply_tasks(tasks, task_keys, images, support, cfg)
   return dict(image=out, mask=mask, task=tasks)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import platform
@@ -22,9 +21,9 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from data_pipelines import batches as batches_lib, datasets, phantom, preprocess, support as support_lib
 from mediclip_jax import parallel
@@ -120,7 +119,6 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
 def build_detector(config: ml_collections.ConfigDict) -> MediCLIP:
   clip = clip_from_config(config.model.clip)
   tok = tokenizer_for(config.model.clip.checkpoint, config.model.bpe_path)
-  import flax.nnx as nnx  # pylint: disable=import-outside-toplevel
   return MediCLIP(clip, tok, tap_layers=tuple(config.model.clip.tap_layers), n_ctx=config.model.n_ctx,
                   ctx_init_std=config.model.ctx_init_std, causal_text_mask=config.quirks.causal_text_mask,
                   logit_scale=config.quirks.logit_scale, rngs=nnx.Rngs(config.seed))
@@ -186,7 +184,6 @@ def _metadata(config, data: Data, threshold: float, step: int) -> dict:
 
 def _dump_params(params, path: str) -> None:
   """Writes this process's replica of the parameters (flat names) to an .npz file."""
-  import flax.nnx as nnx  # pylint: disable=import-outside-toplevel
   flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(params)}
   np.savez(path, **{k: np.asarray(v[...].addressable_data(0)) for k, v in flat.items()})
 
@@ -241,9 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dump_par
   predict_fns = runner.make_predict_fn(graphdef, mesh)
   select_key = "mean_image_pixel_auroc" if data.test_masks is not None else "image_auroc"
 
-  def evaluate(step: int) -> dict:
+  def evaluate() -> dict:
     """Each process scores its share; the gathered maps/scores give the same metrics everywhere."""
-    del step
     maps, scores = runner.predict_sharded(graphdef, state["params"], frozen["model"], data.test_images,
                                           config.eval.batch_size, mesh, predict_fns)
     maps, scores = parallel.gather_rows(maps, data.test_valid), parallel.gather_rows(scores, data.test_valid)
@@ -278,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dump_par
       logged = step % config.train.log_every_steps == 0 or step == total
       # A SIGTERM may reach the processes at different steps: they agree at log steps (a host sync
       # there anyway), so all of them stop and checkpoint at the same step.
-      stop = (parallel.any_process(interrupt.requested) if logged else False) if multi else interrupt.requested
+      stop = (logged and parallel.any_process(interrupt.requested)) if multi else interrupt.requested
       if logged:
         m = {k_: float(v) for k_, v in jax.device_get(m).items()}
         if not np.isfinite(m["loss"]):
@@ -290,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dump_par
           tb.scalars(step, {k_: v for k_, v in rec.items() if k_.startswith("train/")})
           progress.update(step, f"loss {m['loss']:.4f}")
       if step % eval_every == 0 or step == total:
-        res = evaluate(step)
+        res = evaluate()
         if res[select_key] > best["score"]:
           best = {"score": res[select_key], "epoch": step // spe, "metrics": res}
         if main:
@@ -306,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, dump_par
   if progress:
     progress.close()
   if not final:  # resumed at the last step: evaluate what was restored
-    final = evaluate(total)
+    final = evaluate()
   if dump_params:
     _dump_params(state["params"], os.path.join(workdir, f"params_process{jax.process_index()}.npz"))
   results = {"last_epoch": final, "best_epoch_on_test (reference protocol)": best,

@@ -65,14 +65,13 @@ def build_synthesis(cfg: ml_collections.ConfigDict, vae=None) -> tuple[Callable,
   use_latent = uses_latent(cfg)
   if use_latent and vae is None:
     raise ValueError("synthesis.probs enables latent tasks but no VAE was given (set vae.kind / vae.path)")
-  graphdef = None
+  graphdef = vae_state = None
   if use_latent:
-    graphdef, _ = nnx.split(vae)
+    graphdef, vae_state = nnx.split(vae)
 
   def make_aux(support: np.ndarray) -> dict:
     aux = {"support": jnp.asarray(support, jnp.float32)}
     if use_latent:
-      _, vae_state = nnx.split(vae)
       z = jax.jit(lambda s, x: vae_lib.encode_gray(nnx.merge(graphdef, s), x))(vae_state, aux["support"])
       mean, std = latent.latent_stats(z)
       aux.update(vae=vae_state, support_latents=z, latent_mean=mean, latent_std=std)
@@ -82,9 +81,9 @@ def build_synthesis(cfg: ml_collections.ConfigDict, vae=None) -> tuple[Callable,
     keys = mix.sample_keys(key, step, sample_index)
     choice_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x7A5C))(keys)
     tasks = mix.choose_tasks(choice_keys, probs)
+    pix = _pixel_tasks(keys, images, aux, tasks)
     if not use_latent:
-      return _pixel_only(key, step, images, sample_index, aux, tasks)
-    pix = _pixel_only(key, step, images, sample_index, aux, tasks)
+      return pix
     model = nnx.merge(graphdef, aux["vae"])
     latent_task = jnp.where(tasks == n_pixel, latent.TASK_DEVIATION,
                             jnp.where(tasks == n_pixel + 1, latent.TASK_SHUFFLE, latent.TASK_IDENTITY))
@@ -100,16 +99,10 @@ def build_synthesis(cfg: ml_collections.ConfigDict, vae=None) -> tuple[Callable,
     mask = jnp.where(is_latent, lat["mask"], pix["mask"])
     return {"image": image, "mask": mask, "task": tasks}
 
-  def _pixel_only(key, step, images, sample_index, aux, tasks):
-    keys = mix.sample_keys(key, step, sample_index)
-    task_keys = jax.vmap(lambda k: jax.random.split(k, 2)[1])(keys)
+  def _pixel_tasks(keys, images, aux, tasks):
     # Latent samples run the (cheap) identity pixel task here; their result is replaced later.
     pixel_task = jnp.where(tasks >= n_pixel, mix.TASKS.index("identity"), tasks)
-    one = lambda t, k, im: mix.apply_task(t, k, im, aux["support"], pixel_cfg)
-    if mix.resolve_dispatch(pixel_cfg.dispatch) == "switch":
-      out, mask = jax.vmap(one)(pixel_task, task_keys, images)
-    else:
-      out, mask = jax.lax.map(lambda a: one(*a), (pixel_task, task_keys, images))
+    out, mask = mix.apply_tasks(pixel_task, mix.split_sample_keys(keys)[1], images, aux["support"], pixel_cfg)
     return {"image": out, "mask": mask, "task": tasks}
 
   return synth_fn, make_aux
