@@ -18,6 +18,8 @@ setup(
         "pillow",
         "ftfy",  # CLIP tokenizer text cleaning, as OpenAI/open_clip
         "regex",  # \p{L}/\p{N} classes of the CLIP pre-tokenizer
+        "tensorboardX",  # TensorBoard event files without TensorFlow
+        "tqdm",  # training progress bar
     ],
     extras_require={
         # Reference implementations for parity tests; torch pinned to the CPU build that is available offline.

@@ -1,129 +1,46 @@
-"""Metric writers: JSON lines, TensorBoard event files (no TensorFlow needed), and a progress line.
+"""Run outputs: strict JSON lines, TensorBoard events, a progress bar, text summaries, log levels.
 
-Only process 0 writes (callers check `parallel.is_main_process()`). TensorBoard files are
-TFRecord-framed `Event` protos with scalar summaries, encoded here directly, so the training
-stack needs no tensorboard or TensorFlow install to produce them.
+Only process 0 writes (callers check `parallel.is_main_process()`). TensorBoard files come from
+`tensorboardX` (no TensorFlow needed), imported on the first write: it imports torch when that is
+installed, which costs seconds a run that never writes an event should not pay.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import socket
-import struct
 import sys
 import time
 from collections.abc import Mapping
 
 import numpy as np
+from tqdm import tqdm
+
+# Loggers of the libraries whose INFO lines drown a run's console. Orbax logs all of its ~40 INFO
+# lines per checkpoint through absl's logger ("absl"); jax logs backend set-up under "jax._src.*".
+THIRD_PARTY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "jaxlib", "tensorstore", "tensorboardX")
+LOGGER_NAME = "mediclip_jax"
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-  return _varint((num << 3) | wire) + payload
-
-
-def _bytes_field(num: int, data: bytes) -> bytes:
-  return _field(num, 2, _varint(len(data)) + data)
-
-
-def encode_event(wall_time: float, step: int = 0, scalars: Mapping[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:
-  """Serialises a tensorflow `Event` proto (wall_time=1, step=2, file_version=3, summary=5)."""
-  msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-  if file_version is not None:
-    msg += _bytes_field(3, file_version.encode())
-  if scalars:
-    summary = b"".join(
-        _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
-        for tag, v in scalars.items())
-    msg += _bytes_field(5, summary)
-  return msg
-
-
-def frame_record(data: bytes) -> bytes:
-  """TFRecord framing: length, masked CRC of length, data, masked CRC of data."""
-  header = struct.pack("<Q", len(data))
-  return header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
-
-
-def read_records(path: str) -> list[bytes]:
-  """Reads and CRC-checks every record of a TFRecord/event file."""
-  out = []
-  with open(path, "rb") as f:
-    raw = f.read()
-  pos = 0
-  while pos < len(raw):
-    header = raw[pos:pos + 8]
-    (n,) = struct.unpack("<Q", header)
-    (hcrc,) = struct.unpack("<I", raw[pos + 8:pos + 12])
-    data = raw[pos + 12:pos + 12 + n]
-    (dcrc,) = struct.unpack("<I", raw[pos + 12 + n:pos + 16 + n])
-    if hcrc != masked_crc(header) or dcrc != masked_crc(data):
-      raise ValueError(f"{path}: corrupt record at byte {pos}")
-    out.append(data)
-    pos += 16 + n
-  return out
-
-
-class TensorBoardWriter:
-  """Appends scalar summaries to `<logdir>/events.out.tfevents.<time>.<host>`."""
-
-  def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-    self._f = open(self.path, "ab")
-    self._f.write(frame_record(encode_event(time.time(), 0, file_version="brain.Event:2")))
-    self._f.flush()
-
-  def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    finite = {k: float(v) for k, v in values.items() if isinstance(v, (int, float, np.floating, np.integer))}
-    if finite:
-      self._f.write(frame_record(encode_event(time.time(), int(step), finite)))
-      self._f.flush()
-
-  def close(self) -> None:
-    self._f.close()
+def _plain(v):
+  """Python value of `v` that strict JSON accepts: numpy/JAX scalars and arrays unwrapped, nan/inf -> None."""
+  if isinstance(v, Mapping):
+    return {str(k): _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  if isinstance(v, np.generic) or hasattr(v, "__array__"):
+    v = np.asarray(v)
+    v = v.item() if v.ndim == 0 else v.tolist()
+    if isinstance(v, list):
+      return _plain(v)
+  if isinstance(v, float) and not math.isfinite(v):
+    return None
+  return v
 
 
 class JsonlWriter:
-  """One JSON object per line, appended (a resumed run continues the same file)."""
+  """One strict-JSON object per line, flushed; an existing file is appended to (a resumed run continues it)."""
 
   def __init__(self, path: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -131,41 +48,155 @@ class JsonlWriter:
     self._f = open(path, "a", encoding="utf-8")
 
   def write(self, record: Mapping) -> None:
-    def clean(v):
-      if isinstance(v, (np.floating, np.integer)):
-        v = v.item()
-      if isinstance(v, float) and not math.isfinite(v):
-        return None
-      return v
-    self._f.write(json.dumps({k: clean(v) for k, v in record.items()}) + "\n")
+    self._f.write(json.dumps(_plain(record), allow_nan=False) + "\n")
     self._f.flush()
 
   def close(self) -> None:
     self._f.close()
 
 
-class Progress:
-  """A one-line progress bar with rate and ETA on stderr (redrawn in place on a terminal)."""
+def _rgb_uint8(image) -> np.ndarray:
+  """HWC (or HW) uint8, or float in [0, 1], as an HWC RGB uint8 array (floats clipped and rounded)."""
+  x = np.asarray(image)
+  if x.dtype != np.uint8:
+    x = (np.clip(x.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+  if x.ndim == 2:
+    x = x[..., None]
+  if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"expected an HWC image with 1, 3 or 4 channels, got shape {x.shape}")
+  return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
-  def __init__(self, total: int, start: int = 0, stream=None, width: int = 30):
-    self.total, self.start, self.width = total, start, width
-    self.stream = stream or sys.stderr
-    self.t0 = time.perf_counter()
-    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
-  def update(self, step: int, extra: str = "") -> None:
-    done = step - self.start
-    elapsed = time.perf_counter() - self.t0
-    rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
-    eta = (self.total - step) / rate if rate > 0 else float("nan")
-    frac = step / max(self.total, 1)
-    bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
-    eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-    line = f"[{bar}] {step}/{self.total} {rate:.2f} step/s ETA {eta_s} {extra}"
-    self.stream.write(("\r" + line) if self.tty else (line + "\n"))
-    self.stream.flush()
+class TensorBoardWriter:
+  """Scalars and images in `<logdir>/events.out.tfevents.*`, via tensorboardX.
+
+  The event file is created on the first write, so reopening a finished run (which then writes
+  nothing) does not leave an empty event file behind.
+  """
+
+  def __init__(self, logdir: str):
+    self.logdir = logdir
+    self._writer = None
+
+  def _get(self):
+    if self._writer is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._writer = SummaryWriter(self.logdir)
+    return self._writer
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    """Numeric entries of `values` (non-numeric ones skipped; nan kept, TensorBoard shows it)."""
+    numbers = {k: float(v) for k, v in values.items()
+               if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
+    if numbers:
+      w = self._get()
+      for tag, v in numbers.items():
+        w.add_scalar(tag, v, int(step))
+      w.flush()
+
+  def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """HWC RGB images, uint8 or float in [0, 1] (grayscale HW/HW1 is repeated to RGB)."""
+    if images:
+      w = self._get()
+      for tag, img in images.items():
+        w.add_image(tag, _rgb_uint8(img), int(step), dataformats="HWC")
+      w.flush()
 
   def close(self) -> None:
-    if self.tty:
-      self.stream.write("\n")
-      self.stream.flush()
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+class Progress:
+  """Training progress bar (tqdm) whose rate and ETA leave out compilation.
+
+  The first update after the start (or a resume) contains the XLA compilation, so the rate is
+  measured from that update on; tqdm's own rate would include it and understate the speed for a
+  long while. With `enabled=False` no bar is drawn, but `write` and the compile line still print.
+  """
+
+  def __init__(self, total_steps: int, start_step: int = 0, stream=sys.stderr, enabled: bool = True):
+    self.total, self.start = int(total_steps), int(start_step)
+    self.stream = stream
+    self.enabled = enabled
+    self._step = self.start
+    self._compile_t0: float | None = None
+    self._first: tuple[int, float] | None = None  # (step, time) of the first update: the rate's origin
+    self.rate: float | None = None  # steady-state steps/s, once two updates have been seen
+    # Redrawn at most every 0.1 s on a terminal, every 30 s into a log file or pipe.
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    self._bar = tqdm(total=self.total, initial=self.start, file=stream, disable=not enabled,
+                     mininterval=0.1 if tty else 30.0, unit="step", dynamic_ncols=True,
+                     bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+  def compiling(self) -> None:
+    """Marks the start of the first (compiling) step; the next `update` reports how long it took."""
+    self._compile_t0 = time.perf_counter()
+    self._bar.set_postfix_str("compiling…", refresh=True)
+
+  def update(self, step: int, text: str = "") -> None:
+    """Moves the bar to `step` (called after a step; `text`, e.g. the loss, goes in the postfix)."""
+    now = time.perf_counter()
+    if self._first is None:
+      self._first = (step, now)
+    elif step > self._first[0] and now > self._first[1]:
+      self.rate = (step - self._first[0]) / (now - self._first[1])
+    if self.rate:
+      eta = tqdm.format_interval(max(self.total - step, 0) / self.rate)
+      speed = f"{self.rate:.2f} step/s, ETA {eta}"
+    else:
+      speed = "? step/s"
+    self._bar.set_postfix_str(f"{speed}, {text}" if text else speed, refresh=False)
+    self._bar.update(step - self._step)
+    self._step = step
+    if self._compile_t0 is not None:
+      self.write(f"compiled in {now - self._compile_t0:.1f} s")
+      self._compile_t0 = None
+
+  def write(self, line: str) -> None:
+    """Prints `line` above the bar without breaking it."""
+    tqdm.write(line, file=self.stream)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def _fmt(v) -> str:
+  return f"{v:.3f}" if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
+
+
+def eval_line(step: int, epoch: int, metrics: Mapping[str, float]) -> str:
+  """One console line for an evaluation, e.g. `eval step 40 (epoch 20): image_auroc 0.612 ...`."""
+  return f"eval step {step} (epoch {epoch}): " + " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+
+
+def summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+  """Fixed-width table: one row per label, one column per metric (union, in first-seen order; '—' if missing)."""
+  cols = list(dict.fromkeys(k for r in rows.values() for k in r))
+  cells = [[label] + [_fmt(r[c]) if c in r else "—" for c in cols] for label, r in rows.items()]
+  header = [""] + cols
+  widths = [max(len(x[i]) for x in [header] + cells) for i in range(len(header))]
+
+  def line(xs):
+    return "  ".join([xs[0].ljust(widths[0])] + [x.rjust(w) for x, w in zip(xs[1:], widths[1:])]).rstrip()
+
+  return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(c) for c in cells])
+
+
+def configure_logging(verbosity: int = 0) -> None:
+  """Sets log levels for a run: our logger ("mediclip_jax") and the root at INFO; third parties
+  (absl, through which orbax logs ~40 INFO lines per checkpoint, jax, tensorstore) at WARNING,
+  or at INFO with `verbosity >= 1`. Adds a stderr handler if nothing handles the root yet.
+  """
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  level = logging.INFO if verbosity >= 1 else logging.WARNING
+  # absl's verbosity first: with absl's handler installed it also resets the root level, set below.
+  absl_logging.set_verbosity(absl_logging.INFO if verbosity >= 1 else absl_logging.WARNING)
+  root = logging.getLogger()
+  if not root.handlers:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+  root.setLevel(logging.INFO)
+  for name in THIRD_PARTY_LOGGERS:
+    logging.getLogger(name).setLevel(level)
+  logging.getLogger(LOGGER_NAME).setLevel(logging.INFO)
