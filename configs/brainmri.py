@@ -12,4 +12,4 @@ from mediclip_jax.config_defaults import experiment_config
 
 
 def get_config(arg=None):
-  return experiment_config("brainmri", "../shared/data/brainmri", arg)
+  return experiment_config("../shared/data/brainmri", arg)

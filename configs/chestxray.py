@@ -15,4 +15,4 @@ from mediclip_jax.config_defaults import experiment_config
 
 
 def get_config(arg=None):
-  return experiment_config("chexpert", "data/chexpert", arg)
+  return experiment_config("data/chexpert", arg)

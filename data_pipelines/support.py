@@ -80,20 +80,3 @@ def read_support(path: str | os.PathLike, dataset: Dataset) -> list[Sample]:
   if "k" in rec and rec["k"] != len(out):
     raise DatasetError(f"{path}: 'k' is {rec['k']} but 'files' lists {len(out)} names")
   return out
-
-
-def support_set(dataset: Dataset, run_dir: str | os.PathLike, k: int = 16, seed: int = 100,
-                support_file: str | os.PathLike | None = None) -> list[Sample]:
-  """The run's support set: read from `support_file` when given, else from the run
-  directory when a previous (resumed) run wrote one, else drawn by seed; always
-  (re)written to run_dir/support_set.json."""
-  existing = Path(run_dir) / SUPPORT_FILE
-  if support_file is not None:
-    samples, used_seed = read_support(support_file, dataset), None
-  elif existing.is_file():
-    samples = read_support(existing, dataset)
-    used_seed = json.loads(existing.read_text(encoding="utf-8")).get("seed")
-  else:
-    samples, used_seed = draw_support(dataset, k, seed), seed
-  write_support(existing, samples, used_seed, dataset.root)
-  return samples

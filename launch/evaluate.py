@@ -1,63 +1,91 @@
 """Evaluates trained runs on their test set: image AUROC/AP/F1-max, pixel AUROC/AP/F1-max/AUPRO with masks.
 
-  python launch/evaluate.py --workdir runs/busi_s1 runs/busi_s2 runs/busi_s3 --out results/busi.json
+  python launch/evaluate.py --workdir runs/busi_s1,runs/busi_s2,runs/busi_s3 --out results/busi.json
   python launch/evaluate.py --workdir runs/brainmri --data_root /other/copy/of/brainmri --smoothing_sigma 4
 
-Each run directory is one seed; the JSON holds every run's metrics and their mean and std.
+Each run directory is one seed; the JSON holds every run's metrics and their mean and std. Any
+method works: the run's stored config names it. Nothing is written into the run directories
+unless --out points there (the default is <first workdir>/eval.json).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
+from absl import app, flags
+
+from data_pipelines import datasets, run_data
+from data_pipelines.datasets import DatasetError
+from mediclip_jax import parallel
+from mediclip_jax.evaluate import restore, scoring
+from mediclip_jax.train import writers
+
+_WORKDIR = flags.DEFINE_list("workdir", None, "Run directories (comma-separated; one per seed).")
+_OUT = flags.DEFINE_string("out", None, "Results JSON (default: <first workdir>/eval.json).")
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "Override the dataset root stored in the run's config.")
+_SIGMA = flags.DEFINE_float("smoothing_sigma", None, "Gaussian smoothing of maps (0 = raw; default: the run's).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Evaluation batch (default: the run's eval.batch_size).")
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", nargs="+", required=True, help="run directories (one per seed)")
-  p.add_argument("--out", default=None, help="results JSON (default: <first workdir>/eval.json)")
-  p.add_argument("--data_root", default=None, help="override the dataset root stored in the run's config")
-  p.add_argument("--smoothing_sigma", type=float, default=None, help="Gaussian smoothing of maps (0 = raw)")
-  p.add_argument("--batch_size", type=int, default=None)
-  args = p.parse_args(argv)
+def evaluate_run(workdir: str, mesh) -> dict:
+  """Metrics of one run's latest checkpoint on its test set."""
+  config, _ = restore.stored_config(workdir)
+  with config.unlocked():
+    if _DATA_ROOT.value:
+      config.data.root, config.data.phantom = _DATA_ROOT.value, False
+    if _SIGMA.value is not None:
+      if _SIGMA.value < 0:
+        raise ValueError(f"--smoothing_sigma must be >= 0, got {_SIGMA.value}")
+      config.eval.smoothing_sigma = _SIGMA.value
+    if _BATCH.value is not None:
+      if _BATCH.value < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {_BATCH.value}")
+      config.eval.batch_size = _BATCH.value
+  root = os.path.join(workdir, "phantom_data") if config.data.phantom else config.data.root
+  if not root:
+    raise ValueError(f"{workdir}: the stored config has no data.root; pass --data_root")
+  dataset = datasets.load_dataset(root)
+  run = restore.load_run(workdir, mesh, config=config, dataset=dataset)
+  test = run_data.load_test_share(dataset, config.data)
+  masks = None if test.masks is None else parallel.gather_rows(test.masks.astype(np.uint8), test.valid)
+  res = scoring.evaluate_share(run.trainable.scorer(run.state), test, masks, config.eval, mesh)
+  res.update(step=run.step, seed=int(config.seed), n_test=int(len(test.labels)),
+             smoothing_sigma=float(config.eval.smoothing_sigma))
+  return res
 
-  from mediclip_jax.evaluate import runner  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.evaluate.restore import load_trained  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.train.loop import prepare_data  # pylint: disable=import-outside-toplevel
 
+def main(argv) -> int:
+  del argv
+  writers.configure_logging(flags.FLAGS.verbosity)
+  mesh = parallel.make_mesh()
+  out = _OUT.value or os.path.join(_WORKDIR.value[0], "eval.json")
+  if os.path.isdir(out):
+    print(f"error: --out {out} is a directory; give a file path", file=sys.stderr)
+    return 1
+  skip = {"step", "seed", "n_test", "smoothing_sigma"}
   per_run = {}
-  for wd in args.workdir:
+  for wd in _WORKDIR.value:
     try:
-      t = load_trained(wd)
-    except FileNotFoundError as e:
+      res = evaluate_run(wd, mesh)
+    except (FileNotFoundError, DatasetError, ValueError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
-    cfg = t.config
-    with cfg.unlocked():
-      if args.data_root:
-        cfg.data.root, cfg.data.phantom = args.data_root, False
-      cfg.data.support_file = os.path.join(wd, "support_set.json")
-    data = prepare_data(cfg, wd)
-    sigma = cfg.eval.smoothing_sigma if args.smoothing_sigma is None else args.smoothing_sigma
-    maps, scores = runner.predict(t.graphdef, t.params, t.frozen, data.test_images,
-                                  args.batch_size or cfg.eval.batch_size)
-    res = runner.compute_metrics(maps, scores, data.test_labels, data.test_masks, sigma, cfg.eval.aupro_max_fpr)
-    res.update(step=t.step, seed=int(cfg.seed), n_test=int(len(data.test_labels)), smoothing_sigma=sigma)
     per_run[wd] = res
-    print(json.dumps({wd: res}, indent=2))
-  keys = sorted(set.intersection(*(set(r) for r in per_run.values())) - {"step", "seed", "n_test", "smoothing_sigma"})
+    print(f"{wd} (step {res['step']}): " + " ".join(f"{k} {v:.3f}" for k, v in res.items() if k not in skip))
+  keys = sorted(set.intersection(*(set(r) for r in per_run.values())) - skip)
   summary = {k: {"mean": float(np.mean([r[k] for r in per_run.values()])),
                  "std": float(np.std([r[k] for r in per_run.values()]))} for k in keys}
-  out = args.out or os.path.join(args.workdir[0], "eval.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"runs": per_run, "mean_over_runs": summary}, f, indent=2)
-  print(f"wrote {out}")
+  if parallel.is_main_process():
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump({"runs": per_run, "mean_over_runs": summary}, f, indent=2)
+    print(writers.summary_table({wd: {k: r[k] for k in keys} for wd, r in per_run.items()}))
+    print(f"wrote {out}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  flags.mark_flag_as_required("workdir")
+  app.run(lambda argv: sys.exit(main(argv)))

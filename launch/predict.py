@@ -4,23 +4,33 @@
   python launch/predict.py --workdir runs/busi --input some/folder/ --out predictions/
   python launch/predict.py --workdir runs/busi --input batch.npy      # (N,H,W) or (H,W) grayscale in [0,1]
 
-Writes <out>/<name>_overlay.png (image | map | overlay) and <out>/predictions.json.
+Writes <out>/<name>_overlay.png (image | map | overlay) and <out>/predictions.json. Any method
+works: the run's stored config names it; no dataset is needed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
+
+from data_pipelines import preprocess
+from mediclip_jax import parallel
+from mediclip_jax.evaluate import restore, scoring
+from mediclip_jax.train import writers
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run directory.")
+_INPUT = flags.DEFINE_string("input", None, "An image, a folder of images, or a .npy array.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/predictions).")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "Override the checkpoint's decision threshold.")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def _inputs(path: str, size: int) -> tuple[list[str], np.ndarray]:
-  from data_pipelines import preprocess  # pylint: disable=import-outside-toplevel
+def _inputs(path: str, size: int, color: str) -> tuple[list[str], np.ndarray]:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such image, folder or .npy file")
   if path.endswith(".npy"):
@@ -44,7 +54,7 @@ def _inputs(path: str, size: int) -> tuple[list[str], np.ndarray]:
   if bad:
     raise ValueError(f"{bad[0]}: not an image file; expected one of {IMAGE_SUFFIXES} or a .npy array")
   return [os.path.splitext(os.path.basename(f))[0] for f in files], np.stack(
-      [preprocess.load_test_image(f, size) for f in files])
+      [preprocess.load_test_image(f, size, color) for f in files])
 
 
 def overlay_png(image: np.ndarray, amap: np.ndarray, path: str) -> None:
@@ -63,29 +73,25 @@ def overlay_png(image: np.ndarray, amap: np.ndarray, path: str) -> None:
   Image.fromarray((np.clip(strip, 0, 1) * 255).round().astype(np.uint8)).save(path)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True, help="a trained run directory")
-  p.add_argument("--input", required=True, help="an image, a folder of images, or a .npy array")
-  p.add_argument("--out", default=None, help="output folder (default: <workdir>/predictions)")
-  p.add_argument("--threshold", type=float, default=None, help="override the checkpoint's decision threshold")
-  args = p.parse_args(argv)
-  from mediclip_jax.evaluate import runner  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.evaluate.restore import load_trained  # pylint: disable=import-outside-toplevel
+def main(argv) -> int:
+  del argv
+  writers.configure_logging(flags.FLAGS.verbosity)
+  mesh = parallel.make_mesh()
   try:
-    t = load_trained(args.workdir)
-    names, images = _inputs(args.input, int(t.config.data.image_size))
+    run = restore.load_run(_WORKDIR.value, mesh)
+    cfg = run.config
+    names, images = _inputs(_INPUT.value, int(cfg.data.image_size), cfg.data.color)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  thr = float(t.metadata["threshold"]) if args.threshold is None else args.threshold
-  maps, scores = runner.predict(t.graphdef, t.params, t.frozen, images, int(t.config.eval.batch_size))
-  out = args.out or os.path.join(args.workdir, "predictions")
+  thr = float(run.metadata["threshold"]) if _THRESHOLD.value is None else _THRESHOLD.value
+  maps, scores = scoring.score_share(run.trainable.scorer(run.state), images, int(cfg.eval.batch_size), mesh)
+  out = _OUT.value or os.path.join(_WORKDIR.value, "predictions")
   os.makedirs(out, exist_ok=True)
   records = []
   for name, img, m, s in zip(names, images, maps, scores):
     png = os.path.join(out, f"{name}_overlay.png")
-    overlay_png(img, m, png)
+    overlay_png(img if img.ndim == 2 else img.mean(-1), m, png)
     rec = {"name": name, "score": float(s), "threshold": thr, "abnormal": bool(s > thr), "overlay": png}
     records.append(rec)
     print(f"{name}: score {s:.4f} -> {'ABNORMAL' if s > thr else 'normal'} (threshold {thr:.4f}); overlay {png}")
@@ -95,4 +101,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  flags.mark_flags_as_required(["workdir", "input"])
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,4 +1,5 @@
-"""Trains MediCLIP with on-device anomaly synthesis; evaluates, checkpoints and resumes.
+"""Trains a method (`config.method`, default MediCLIP) with on-device anomaly synthesis; evaluates,
+checkpoints and resumes.
 
   python launch/train.py --config configs/chestxray.py:phantom,tiny --workdir runs/phantom
   python launch/train.py --config configs/brainmri.py --config.data.root=../shared/data/brainmri \
@@ -9,20 +10,23 @@ Re-running with the same --workdir resumes from its last checkpoint (SIGTERM wri
 Multi-host: pass --coordinator_address/--num_processes/--process_id, or let
 `jax.distributed.initialize()` read them from the cluster environment (--distributed); every
 process runs the same command with the same --workdir (on a shared file system); see
-docs_multihost.md. Checkpoints restore with any process or device count.
+docs/multihost.md. Checkpoints restore with any process or device count.
 
   python launch/train.py --config configs/brainmri.py:tiny --workdir runs/mh \
       --coordinator_address 127.0.0.1:12355 --num_processes 2 --process_id 0   # and --process_id 1
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from data_pipelines.datasets import DatasetError
+from mediclip_jax import methods, parallel
+from mediclip_jax.train import loop, writers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, support set). "
@@ -34,13 +38,13 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
                                  "environment (TPU pods, SLURM, Open MPI).")
 _CPU_COLLECTIVES = flags.DEFINE_enum("cpu_collectives", "gloo", ["gloo", "mpi"], "CPU collectives "
                                      "implementation of multi-process CPU runs (ignored by GPU/TPU).")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
 _DUMP_PARAMS = flags.DEFINE_bool("dump_params", False, "Each process writes its copy of the final parameters "
                                  "to <workdir>/params_process<i>.npz (checks that processes agree).")
 
 
 def init_distributed() -> bool:
   """Joins the multi-process run before anything initialises a JAX backend (no device queries here)."""
-  from mediclip_jax import parallel  # pylint: disable=import-outside-toplevel
   if _COORDINATOR.value and _DISTRIBUTED.value:
     raise app.UsageError("give either --coordinator_address (with --num_processes, --process_id) or "
                          "--distributed, not both")
@@ -55,31 +59,26 @@ def init_distributed() -> bool:
 
 def main(argv) -> int:
   del argv
-  logging.getLogger().setLevel(logging.INFO)
-  init_distributed()
-  import jax  # pylint: disable=import-outside-toplevel
-  from mediclip_jax import parallel  # pylint: disable=import-outside-toplevel
-  parallel.quiet_other_processes()
-  from data_pipelines.datasets import DatasetError  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
-  if config is None:
-    print("error: --config is required, e.g. --config configs/chestxray.py:phantom,tiny", file=sys.stderr)
-    return 2
+  if _PRINT_CONFIG.value:
+    print(config)
+    return 0
+  init_distributed()
+  writers.configure_logging(flags.FLAGS.verbosity)  # -v 1: third-party INFO logs too
+  parallel.quiet_other_processes()
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(
       flags.FLAGS["config"].config_filename))[0])
   try:
-    results = train_and_evaluate(config, workdir, dump_params=_DUMP_PARAMS.value)
-  except (FileNotFoundError, DatasetError) as e:
+    results = loop.train_and_evaluate(config, workdir, methods.get(config.method), dump_params=_DUMP_PARAMS.value)
+  except (FileNotFoundError, DatasetError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except KeyboardInterrupt as e:
+  except loop.Interrupted as e:
     print(f"\ninterrupted: {e}", file=sys.stderr)
     return 130
   if jax.process_index() == 0:
-    print(json.dumps({"workdir": workdir, "last_epoch": results["last_epoch"],
-                      "best_epoch_on_test (reference protocol)": results["best_epoch_on_test (reference protocol)"]},
-                     indent=2))
+    print(writers.summary_table(loop.summary_rows(results)))
+    print(f"results: {os.path.join(workdir, 'results.json')}")
   return 0
 
 

@@ -1,127 +1,124 @@
-"""Config building blocks shared by the files in configs/ (each file documents its launch command)."""
+"""Config building blocks for the files in configs/ (each file documents its launch command).
+
+A run config is the loop's sections (seed, method, data, train, eval) merged with the method's
+own (`methods.<name>.default_config()`). Presets only change defaults inside `get_config`, so
+a `--config.x=y` on the command line, applied afterwards, always wins.
+"""
 from __future__ import annotations
 
 import ml_collections
 
+from mediclip_jax import methods
 from mediclip_jax.config_utils import parse_arg
-from mediclip_jax.models.clip import VARIANTS, get_variant
+from mediclip_jax.models.clip import get_variant
+from mediclip_jax.synthesis import latent
 
 # MediCLIP taps the residual stream after blocks 12, 18, 24 of ViT-L/14 (1-based). For other depths
 # we keep the same relative depths: half, three quarters and the last block.
 REFERENCE_TAPS = {"ViT-L-14": (12, 18, 24), "ViT-L-14-336": (12, 18, 24)}
+PRESETS = ("reference", "improved")
+LATENT_MIX = {"cutpaste": 0.2, "gauss_intensity": 0.2, "deformation": 0.2, "identity": 0.2,
+              "latent_deviation": 0.1, "latent_shuffle": 0.1}
+BENCH_MODES = ("fused", "host", "synthetic")
 
 
 def default_taps(variant: str) -> tuple[int, ...]:
-  cfg = get_variant(variant)
   if variant in REFERENCE_TAPS:
     return REFERENCE_TAPS[variant]
-  n = cfg.vision_layers
+  n = get_variant(variant).vision_layers
   return tuple(sorted({max(1, n // 2), max(1, 3 * n // 4), n}))
 
 
-def clip_config(variant: str = "ViT-L-14", checkpoint: str | None = None) -> ml_collections.ConfigDict:
-  """The backbone section: an architecture by name, optional weights, precision and taps.
+def loop_config() -> ml_collections.ConfigDict:
+  """The sections the generic loop, the data readers and evaluation read."""
+  c = ml_collections.ConfigDict()
+  c.method = "mediclip"
+  c.seed = 100
+  c.data = ml_collections.ConfigDict()
+  c.data.root = ml_collections.FieldReference(None, field_type=str)  # MediCLIP or plain-folder layout
+  c.data.phantom = False            # generate the embedded phantom chest dataset into the workdir
+  c.data.phantom_size = 224
+  c.data.phantom_n_test = 40        # per class (normal / abnormal)
+  c.data.image_size = 224           # every image is resized to this square size
+  c.data.color = "grey"             # test images: "rgb" (as the reference reads them) | "grey"
+  c.data.pixel_metrics = "auto"     # "auto" (when the test set has masks) | "on" | "off"
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 8            # global batch
+  c.train.epochs = 200
+  c.train.log_every_steps = 10
+  c.train.checkpoint_every_steps = 50
+  c.train.max_to_keep = 2
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_epochs = 10
+  c.eval.batch_size = 32
+  c.eval.smoothing_sigma = 0.0      # reference: raw maps; peers smooth with sigma 4
+  c.eval.aupro_max_fpr = 0.3
+  c.eval.threshold_quantile = 1.0   # decision threshold: this quantile of the normal calibration scores
+  return c
 
-  `variant` is one of VARIANTS (ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, tiny). With a
-  `checkpoint` the architecture comes from the checkpoint and `variant` is checked against it.
-  """
-  arch = get_variant(variant)
-  return ml_collections.ConfigDict({
-      "variant": variant,
-      "checkpoint": checkpoint,  # HF dir, OpenAI/open_clip file, or our own converted dir; None = random init
-      "act": ml_collections.FieldReference(None, field_type=str),  # override (quick_gelu | gelu); None = checkpoint's
-      "image_size": arch.image_size,
-      "tap_layers": default_taps(variant),
-      "dtype": "float32",  # compute dtype: float32 | bfloat16; parameters stay float32
-      "random_init_seed": 0,
-  })
+
+def _merge(into: ml_collections.ConfigDict, extra: ml_collections.ConfigDict) -> None:
+  for key, value in extra.items():
+    if isinstance(value, ml_collections.ConfigDict) and key in into:
+      _merge(into[key], value)
+    else:
+      into[key] = extra.get_ref(key) if isinstance(extra._fields[key], ml_collections.FieldReference) else value
 
 
-def variants() -> tuple[str, ...]:
-  return tuple(VARIANTS)
+def run_config(method: str = "mediclip") -> ml_collections.ConfigDict:
+  """The loop's sections merged with `method`'s."""
+  c = loop_config()
+  c.method = method
+  _merge(c, methods.get(method).default_config())
+  return c
 
 
-PRESETS = ("reference", "improved")
+def apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
+  """MediCLIP's presets, as defaults.
 
-
-def quirks(preset: str) -> ml_collections.ConfigDict:
-  """Each behaviour of the PyTorch reference that we reproduce or fix, as a named flag.
-
-  reference: exactly the reference recipe (for comparison with published numbers).
-  improved:  causal text mask (as CLIP was trained), CLIP's logit scale (100) on the similarity
-             difference (the reference's maps live in [0.12, 0.88]), soft focal labels, anomalies
-             kept on the body (foreground), Poisson-blended pastes.
+  reference: the reference recipe, quirks included (for comparison with published numbers): the
+    prompt path runs the text tower without the causal mask, no logit scale, focal targets cast
+    to int, anomalies placed anywhere, hard pastes, RGB test images, evaluation after every epoch.
+  improved:  causal text mask (as CLIP was trained), CLIP's logit scale (100), soft focal labels,
+    anomalies kept on the body, Poisson-blended pastes, grey test images (no colour leak), an
+    evaluation every 10 epochs.
   """
   if preset not in PRESETS:
     raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
   ref = preset == "reference"
-  return ml_collections.ConfigDict({
-      "causal_text_mask": not ref,      # reference runs the prompt path without the causal mask
-      "logit_scale": ml_collections.FieldReference(None if ref else 100.0, field_type=float),
-      "truncate_labels": ref,           # reference casts the focal target with .long()
-      "foreground_only": not ref,       # reference places anomalies anywhere, background included
-      "paste_mode": "hard" if ref else "poisson",
-  })
+  c.model.causal_text_mask = not ref
+  c.model.logit_scale = None if ref else 100.0
+  c.train.truncate_labels = ref
+  c.synthesis.pixel.shapes.foreground_only = not ref
+  c.synthesis.pixel.cutpaste.paste_mode = "hard" if ref else "poisson"
+  c.data.color = "rgb" if ref else "grey"
+  c.eval.every_epochs = 1 if ref else 10
 
 
-def base_config(preset: str = "reference", variant: str = "ViT-L-14") -> ml_collections.ConfigDict:
-  """Everything `launch/train.py` reads, with the reference's defaults (MEDICLIP.md §3)."""
-  from mediclip_jax.models import vae as vae_lib  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.synthesis import latent, mix  # pylint: disable=import-outside-toplevel
-  c = ml_collections.ConfigDict()
-  c.seed = 100
-  c.preset = preset
-  c.quirks = quirks(preset)
-
-  c.data = ml_collections.ConfigDict()
-  c.data.root = ml_collections.FieldReference(None, field_type=str)  # MediCLIP or plain-folder layout
-  c.data.name = "dataset"
-  c.data.phantom = False            # generate the embedded phantom chest dataset into the workdir
-  c.data.phantom_size = 224
-  c.data.phantom_n_test = 40        # per class (normal / abnormal)
-  c.data.image_size = 224
-  c.data.k_shot = 16
-  c.data.support_file = ml_collections.FieldReference(None, field_type=str)  # fixed support set (JSON)
-  c.data.pixel_metrics = "auto"     # "auto" (when the test set has masks) | "on" | "off"
-
-  c.model = ml_collections.ConfigDict()
-  c.model.clip = clip_config(variant)
-  c.model.n_ctx = 8
-  c.model.ctx_init_std = 0.02
-  c.model.bpe_path = ml_collections.FieldReference(None, field_type=str)  # default: packaged vocabulary
-
-  c.synthesis = mix.default_config()
-  c.synthesis.latent = latent.default_config()
-  c.vae = vae_lib.default_config()
-
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 8
-  c.train.epochs = 200
-  c.train.lr = 1e-3
-  c.train.b1 = 0.5
-  c.train.b2 = 0.999
-  c.train.eps = 1e-8
-  c.train.grad_clip_norm = 0.0
-  c.train.focal_gamma = 2.0
-  c.train.log_every_steps = 10
-  c.train.checkpoint_every_steps = 50
-  c.train.max_to_keep = 2
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_epochs = 10          # the reference evaluates on test after every epoch
-  c.eval.batch_size = 32
-  c.eval.smoothing_sigma = 0.0      # reference: raw maps; peers smooth with sigma 4
-  c.eval.aupro_max_fpr = 0.3
-  c.eval.threshold_quantile = 1.0   # decision threshold: this quantile of the support images' scores
+def mediclip_config(preset: str = "reference", variant: str = "ViT-L-14") -> ml_collections.ConfigDict:
+  """A MediCLIP run config with the reference's defaults (ViT-L/14 @ 224, k = 16, 200 epochs) and a preset."""
+  c = run_config("mediclip")
+  c.model.clip.variant = variant
+  c.model.clip.tap_layers = default_taps(variant)
+  apply_preset(c, preset)
   return c
 
 
-LATENT_MIX = {"cutpaste": 0.2, "gauss_intensity": 0.2, "deformation": 0.2, "identity": 0.2,
-              "latent_deviation": 0.1, "latent_shuffle": 0.1}
+def use_latent_tasks(c: ml_collections.ConfigDict, vae_path: str | None = None) -> None:
+  """Mixes latent tasks in (0.2 per pixel task, 0.1 per latent task) with patch sizes that divide the latent grid."""
+  if c.data.image_size % 8:
+    raise ValueError(f"latent tasks need data.image_size divisible by 8, got {c.data.image_size}")
+  c.synthesis.probs = ml_collections.ConfigDict(dict(LATENT_MIX))
+  if vae_path is not None:
+    c.vae.kind = "taef2"
+    c.vae.path = vae_path
+  sizes = latent.patch_size_choices(c.data.image_size // 8)
+  c.synthesis.latent.patch_sizes = sizes
+  c.synthesis.latent.patch_probs = tuple(1.0 / len(sizes) for _ in sizes)
 
 
-def experiment_config(name: str, default_root: str, arg: str | None) -> ml_collections.ConfigDict:
-  """A dataset's config from its `get_config(arg)` argument.
+def experiment_config(default_root: str, arg: str | None) -> ml_collections.ConfigDict:
+  """A dataset's MediCLIP config from its `get_config(arg)` argument.
 
   arg keys: preset=reference|improved, variant=<CLIP name>, shot=<k>, phantom (the embedded
   phantom chest data), tiny (tiny random CLIP at 112 px, 20 epochs: a CPU smoke run), latent
@@ -129,29 +126,32 @@ def experiment_config(name: str, default_root: str, arg: str | None) -> ml_colle
   """
   a = parse_arg(arg, preset="reference", variant="ViT-L-14", shot=16, phantom=False, tiny=False, latent=False,
                 vae_path="../shared/weights/taef2")
-  variant = "tiny" if a.tiny else a.variant
-  c = base_config(a.preset, variant)
-  c.data.name = "phantom" if a.phantom else name
+  c = mediclip_config(a.preset, "tiny" if a.tiny else a.variant)
   c.data.root = None if a.phantom else default_root
   c.data.phantom = a.phantom
   c.data.k_shot = a.shot
   if a.tiny:
     c.data.image_size = c.data.phantom_size = 112
-    c.model.clip.image_size = 112
     c.train.epochs = 20
     c.train.checkpoint_every_steps = 10
     c.train.log_every_steps = 2
     c.eval.every_epochs = 5
-    c.vae.dtype = "float32"
   if a.latent:
-    c.synthesis.probs = ml_collections.ConfigDict(dict(LATENT_MIX))
-    c.vae.kind = "taef2"
-    c.vae.path = a.vae_path
-    if c.data.image_size % 8:
-      raise ValueError(f"latent tasks need an image size divisible by 8, got {c.data.image_size}")
-    lat = c.data.image_size // 8
-    from mediclip_jax.synthesis import latent  # pylint: disable=import-outside-toplevel
-    c.synthesis.latent.patch_sizes = latent.patch_size_choices(lat)
-    c.synthesis.latent.patch_probs = tuple(1.0 / len(c.synthesis.latent.patch_sizes)
-                                           for _ in c.synthesis.latent.patch_sizes)
+    use_latent_tasks(c, a.vae_path)
+  return c
+
+
+def bench_section(*, batch_per_device: int, warmup_steps: int = 2, steps: int = 20,
+                  modes: str = "fused,host,synthetic", host_workers: int = 2) -> ml_collections.ConfigDict:
+  """The `bench` section of a benchmark config (configs/bench_*.py); every field can be overridden by flag."""
+  c = ml_collections.ConfigDict()
+  c.batch_per_device = batch_per_device  # global batch = this x jax.device_count()
+  c.warmup_steps = warmup_steps          # untimed steps after compilation (>= 1)
+  c.steps = steps                        # timed steps per mode and per stage
+  c.modes = modes                        # comma-separated subset of BENCH_MODES
+  c.stages = True                        # per-stage breakdown (synthesis, VAE, CLIP forward, full step)
+  c.host_workers = host_workers          # host mode: CPU worker processes (the reference uses 2)
+  c.host_prefetch = 2                    # host mode: batches in flight per worker (DataLoader prefetch_factor)
+  c.support = "phantom"                  # few-shot support images: "phantom" (64..224 px) | "random"
+  c.peak_tflops = ml_collections.FieldReference(None, field_type=float)  # per-device peak; None = table
   return c

@@ -1,42 +1,56 @@
-"""Rebuilds a trained detector from a run directory (config + latest checkpoint) for evaluation and inference."""
+"""Rebuilds a trained run (its method, config and latest checkpoint) for evaluation and inference."""
 from __future__ import annotations
 
 import dataclasses
 import os
 
 import ml_collections
+from jax.sharding import Mesh
 
-from mediclip_jax import parallel
-from mediclip_jax.train import checkpoints, step as step_lib
+from data_pipelines import datasets
+from mediclip_jax import checkpoints, methods
+from mediclip_jax.methods.base import Trainable
 
 
 @dataclasses.dataclass
-class Trained:
+class Restored:
   config: ml_collections.ConfigDict
-  graphdef: object
-  params: object
-  frozen: object
+  trainable: Trainable
+  state: object
   metadata: dict
   step: int
 
 
-def load_trained(workdir: str, step: int | None = None) -> Trained:
-  """The detector of `workdir`'s checkpoint (latest unless `step`), placed replicated on all devices."""
-  from mediclip_jax.train.loop import build_detector, resolve_config  # pylint: disable=import-outside-toplevel
+def stored_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+  """The config a run's checkpoint was written with, and the checkpoint's step (latest unless `step`)."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{workdir}: no checkpoints/ directory; train with launch/train.py --workdir {workdir}")
   ckpt = checkpoints.Checkpointer(ckpt_dir)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{ckpt_dir}: holds no finished checkpoint")
-  meta = ckpt.restore_metadata(step)
-  config = resolve_config(ml_collections.ConfigDict(meta["config"]))
-  model = build_detector(config)
-  graphdef, params, frozen = step_lib.split_model(model)
-  mesh = parallel.make_mesh()
-  optimizer = step_lib.make_optimizer(config.train)
-  like = parallel.replicate(step_lib.init_state(params, optimizer, config.seed), mesh)
-  state, meta = ckpt.restore(step, like, mesh)
-  ckpt.close()
-  return Trained(config, graphdef, state["params"], parallel.replicate(frozen, mesh), meta, int(step))
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{ckpt_dir}: holds no finished checkpoint")
+    meta = ckpt.restore_metadata(step)
+  finally:
+    ckpt.close()
+  return ml_collections.ConfigDict(meta["config"]), int(step)
+
+
+def load_run(workdir: str, mesh: Mesh, config: ml_collections.ConfigDict | None = None,
+             dataset: datasets.Dataset | None = None, step: int | None = None) -> Restored:
+  """The method of `workdir` built for scoring (nothing written), its state restored replicated on `mesh`.
+
+  `config` (default: the stored one) may change evaluation-side fields (data root, eval batch).
+  Without `dataset` the method is built without data (enough to score new images).
+  """
+  stored, step = stored_config(workdir, step)
+  config = stored if config is None else config
+  method = methods.get(config.method)
+  trainable = method.build(config, dataset, workdir, mesh, train=False)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    state, meta = ckpt.restore(step, trainable.state, mesh)
+  finally:
+    ckpt.close()
+  return Restored(config, trainable, state, meta, step)

@@ -1,4 +1,4 @@
-"""Frozen VAEs for latent-space anomaly synthesis, in Flax NNX (DESIGN §7-8, LATENT.md §2).
+"""Frozen VAEs for latent-space anomaly synthesis, in Flax NNX.
 
 Two families, both NHWC, both with `.encode(x) -> latent` and `.decode(z) -> image`:
 
@@ -6,7 +6,7 @@ Two families, both NHWC, both with `.encode(x) -> latent` and `.decode(z) -> ima
   4-channel with quant convs; SD3/FLUX-style 16 channels without them), also loadable
   from CompVis/MedVAE checkpoints by key mapping (mediclip_jax/weights/vae_convert.py).
 - `TAEF2`: the 1.3 M + 1.3 M parameter tiny autoencoder of the FLUX.2 latent space, the
-  default VAE for tests and CPU runs (real weights in ../shared/weights/taef2/).
+  default VAE for tests and CPU runs.
 
 Module attribute names mirror the PyTorch state-dict names, so the converter maps a
 parameter path to its PyTorch key mechanically. Parameters are float32; `dtype` is the
@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+
+from mediclip_jax.synthesis import mix
+from mediclip_jax.weights import vae_convert
 
 KIND_TAEF2 = "taef2"
 KIND_KL = "autoencoder_kl"
@@ -395,6 +398,13 @@ def decode_gray(vae: Vae, z: jax.Array) -> jax.Array:
   return jnp.clip((jnp.mean(x, axis=-1) - lo) / (hi - lo), 0.0, 1.0)
 
 
+def codec(vae: Vae) -> mix.Codec:
+  """The frozen VAE as the grey-image encode/decode pair of its state that synthesis runs."""
+  graphdef, state = nnx.split(vae)
+  return mix.Codec(state, lambda s, x: encode_gray(nnx.merge(graphdef, s), x),
+                   lambda s, z: decode_gray(nnx.merge(graphdef, s), z))
+
+
 # ----------------------------------------------------------------------------------------
 # Config, factory, loader
 # ----------------------------------------------------------------------------------------
@@ -461,7 +471,6 @@ def build_vae(cfg: ml_collections.ConfigDict) -> Vae:
 
 def load_vae(cfg: ml_collections.ConfigDict) -> Vae:
   """Builds the VAE of `cfg` and loads `cfg.path` into it (random init when path is None)."""
-  from mediclip_jax.weights import vae_convert  # pylint: disable=import-outside-toplevel
   if cfg.path is None:
     return build_vae(cfg)
   path = os.fspath(cfg.path)

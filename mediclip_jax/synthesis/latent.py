@@ -1,4 +1,4 @@
-"""Latent-space anomaly synthesis (DeCo-Diff style; DESIGN §7, LATENT.md §1.3, §1.7).
+"""Latent-space anomaly synthesis in the style of DeCo-Diff (direction of deviation, latent patch shuffle).
 
 Per sample, on the latent grid L×L of a frozen VAE, with a patch size P that divides L:
 region mask M (1 = keep, ⌊G·(1−r)⌋ of G = (L/P)² cells, r ~ U(0, r_max)); a second mask S
@@ -39,7 +39,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.q_max = 0.3                             # (ref) shuffled-noise ratio q ~ U(0, q_max)
   c.T = 10                                  # (ref) cosine schedule steps; t ~ U{0..T-1}
   c.severity = (1.0, 1.0)                   # λ ~ U(lo, hi); 1 gives DeCo-Diff's x_t
-  c.task_probs = (0.5, 0.5)                 # deviation, shuffle (used when no per-sample task is given)
   c.pool = "support"                        # "support" (device-split independent) | "batch" (DeCo-Diff)
   c.standardise = True                      # per-channel standardisation with support statistics
   c.roundtrip_normals = True                # identity samples are D(E(x)) instead of x
@@ -66,8 +65,6 @@ def validate_config(cfg: ml_collections.ConfigDict, latent_size: int) -> None:
     raise ValueError(f"latent.T: expected at least 1 step, got {cfg.T}")
   if len(cfg.severity) != 2 or cfg.severity[0] > cfg.severity[1]:
     raise ValueError(f"latent.severity: expected a range (lo, hi) with lo <= hi, got {cfg.severity}")
-  if len(cfg.task_probs) != 2 or min(cfg.task_probs) < 0 or sum(cfg.task_probs) <= 0:
-    raise ValueError(f"latent.task_probs: expected two non-negative weights (deviation, shuffle), got {cfg.task_probs}")
   if cfg.pool not in ("support", "batch"):
     raise ValueError(f"latent.pool: expected 'support' or 'batch', got {cfg.pool!r}")
 
@@ -222,7 +219,7 @@ def latent_stats(latents: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.
 
 def latent_synthesize(keys: jax.Array, images: jax.Array, support_latents: jax.Array,
                       vae_apply: tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], jax.Array]],
-                      cfg: ml_collections.ConfigDict, tasks: jax.Array | None = None,
+                      cfg: ml_collections.ConfigDict, tasks: jax.Array,
                       stats: tuple[jax.Array, jax.Array] | None = None) -> dict[str, jax.Array]:
   """Latent anomalies for a batch.
 
@@ -233,8 +230,8 @@ def latent_synthesize(keys: jax.Array, images: jax.Array, support_latents: jax.A
     vae_apply: (encode_fn: (B,H,W) -> (B,L,L,C), decode_fn: (B,L,L,C) -> (B,H,W)), e.g.
       `functools.partial(vae.encode_gray, model)` and `partial(vae.decode_gray, model)`.
     cfg: `default_config()`.
-    tasks: optional (B,) int (TASK_DEVIATION / TASK_SHUFFLE / TASK_IDENTITY); drawn from
-      cfg.task_probs with each sample's key when None.
+    tasks: (B,) int (TASK_DEVIATION / TASK_SHUFFLE / TASK_IDENTITY), chosen by the caller
+      (`mix.build_synthesis` draws them from the one task table).
     stats: optional stored (mean, std) per channel; computed from support_latents when None.
 
   Returns:
@@ -254,9 +251,6 @@ def latent_synthesize(keys: jax.Array, images: jax.Array, support_latents: jax.A
     mean, std = jnp.zeros(z0.shape[-1]), jnp.ones(z0.shape[-1])
   zs = (z0 - mean) / std
   pool = (support_latents.astype(jnp.float32) - mean) / std
-  if tasks is None:
-    w = jnp.log(jnp.asarray(cfg.task_probs, jnp.float32))
-    tasks = jax.vmap(lambda k: jax.random.categorical(jax.random.fold_in(k, 7), w))(keys)
   tasks = jnp.asarray(tasks, jnp.int32)
 
   shuffled = None

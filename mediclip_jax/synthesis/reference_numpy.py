@@ -1,8 +1,8 @@
 """The same pixel tasks in numpy/scipy/OpenCV, one sample at a time, as the PyTorch original runs them.
 
-A host-side counterpart of `mix.synthesize_batch`: the baseline for
-`launch/bench_synthesis.py` and usable by a "host" pipeline mode (CPU workers feeding
-the device step). It follows the reference's per-box algorithms (MEDICLIP.md §2):
+A host-side counterpart of the pixel tasks of `mix.build_synthesis`: the baseline for
+`launch/bench_synthesis.py` and the benchmark's "host" mode (CPU workers feeding the device
+step, as the PyTorch original's DataLoader). It follows the reference's per-box algorithms:
 Perlin masks with a real "repeat until >= 20 % coverage" loop and an OpenCV rotation,
 scipy cubic-spline resampling for cut-paste and deformation, scipy Gaussian filters,
 scipy morphology for the cut-paste label, and cv2.seamlessClone for Poisson pasting.
@@ -226,7 +226,10 @@ def synthesize_sample_numpy(rng: np.random.Generator, image: np.ndarray, support
   support = np.asarray(support)
   if support.dtype == np.uint8:
     support = support.astype(np.float32) / 255.0
-  task = mix.TASKS[int(rng.choice(len(mix.TASKS), p=mix.task_probs(cfg).astype(np.float64) / mix.task_probs(cfg).sum()))]
+  probs = mix.task_probs(cfg).astype(np.float64)
+  if probs[len(mix.PIXEL_TASKS):].sum() > 0:
+    raise ValueError("synthesis.probs: the numpy reference runs pixel tasks only; latent tasks need the VAE on device")
+  task = mix.PIXEL_TASKS[int(rng.choice(len(mix.PIXEL_TASKS), p=probs[:len(mix.PIXEL_TASKS)]))]
   pc = cfg.pixel
   if task == "cutpaste":
     return cutpaste(rng, image, support, pc)
@@ -236,4 +239,4 @@ def synthesize_sample_numpy(rng: np.random.Generator, image: np.ndarray, support
     return deformation(rng, image, pc)
   if task == "identity":
     return image.astype(np.float32), np.zeros(image.shape, np.float32)
-  raise ValueError(f"task {task!r} has no numpy implementation; expected one of {mix.TASKS}")
+  raise ValueError(f"task {task!r} has no numpy implementation; expected one of {mix.PIXEL_TASKS}")

@@ -1,0 +1,72 @@
+"""A run's dataset and this process's share of its test set, as the config's `data` section describes them.
+
+Used by training (evaluation during the run) and by `launch/evaluate.py`, so both read the
+same images the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+
+from data_pipelines import batches, datasets, phantom, preprocess
+from mediclip_jax import parallel
+
+PIXEL_METRICS = ("auto", "on", "off")
+
+
+@dataclasses.dataclass
+class TestShare:
+  """This process's padded share of the test set (all of it in a single process).
+
+  images/masks/valid cover the share (n rows); labels and names the whole set (N), since they
+  come from the listing, not from image files.
+  """
+  images: np.ndarray          # (n, H, W) grey or (n, H, W, 3) RGB, float32 in [0, 1]
+  masks: np.ndarray | None    # (n, H, W) {0, 1}, or None without pixel metrics
+  valid: np.ndarray           # (n,) bool: False on the padding rows
+  labels: np.ndarray          # (N,) int32, 1 = abnormal
+  names: list[str]            # (N,)
+
+
+def open_dataset(data: ml_collections.ConfigDict, workdir: str, seed: int) -> datasets.Dataset:
+  """Reads `data.root`, or generates the phantom dataset into `workdir/phantom_data` when `data.phantom`."""
+  root = data.root
+  if data.phantom:
+    root = os.path.join(workdir, "phantom_data")
+    marker = os.path.join(root, "samples", "test.json")
+    for turn in ("main", "others"):  # process 0 writes; others write their own copy only without a shared disk
+      if (turn == "main") == parallel.is_main_process() and not os.path.isfile(marker):
+        phantom.make_phantom_dataset(root, n_train=max(data.k_shot, 16), n_test_normal=data.phantom_n_test,
+                                     n_test_abnormal=data.phantom_n_test, size=data.phantom_size, seed=seed)
+      parallel.sync(f"phantom_data_{turn}")
+  if not root:
+    raise datasets.DatasetError(
+        "config.data.root is not set: pass --config.data.root=/path/to/dataset (MediCLIP layout "
+        "root/samples/{train,test}.json, or plain folders root/train/normal, root/test/{normal,abnormal}), "
+        "or try the embedded phantom data: --config configs/chestxray.py:phantom,tiny")
+  return datasets.load_dataset(root)
+
+
+def load_test_share(dataset: datasets.Dataset, data: ml_collections.ConfigDict) -> TestShare:
+  """Loads this process's share of the test set at `data.image_size` in `data.color`, masks per `data.pixel_metrics`."""
+  if data.pixel_metrics not in PIXEL_METRICS:
+    raise ValueError(f"config.data.pixel_metrics must be one of {PIXEL_METRICS}, got {data.pixel_metrics!r}")
+  test = dataset.test
+  size = int(data.image_size)
+  share, valid = batches.process_eval_indices(len(test))  # padding repeats the last index
+  loaded: dict[int, np.ndarray] = {}
+  for i in share:
+    if int(i) not in loaded:
+      loaded[int(i)] = preprocess.load_test_image(test[i].path, size, data.color)
+  images = np.stack([loaded[int(i)] for i in share]).astype(np.float32)
+  want = {"auto": dataset.has_masks, "on": True, "off": False}[data.pixel_metrics]
+  if want and not dataset.has_masks:
+    raise ValueError(f"config.data.pixel_metrics='on' but the test set of {dataset.root} has no masks")
+  masks = None
+  if want:
+    masks = np.stack([preprocess.load_mask(test[i].mask_path, size) for i in share]).astype(np.float32)
+  return TestShare(images=images, masks=masks, valid=valid,
+                   labels=np.asarray([s.label for s in test], np.int32), names=[s.name for s in test])

@@ -1,0 +1,59 @@
+"""The method interface: what a method hands the generic training loop, evaluation and launchers.
+
+A method is one module of `mediclip_jax.methods` with
+  NAME: str
+  default_config() -> ConfigDict           the method's sections of a run config
+  validate(config) -> None                 raises ValueError naming the field, before anything is compiled
+  build(config, dataset, workdir, mesh, *, train) -> Trainable
+and is registered in `mediclip_jax/methods/__init__.py`. The loop sees only a `Trainable`:
+it calls `local_batch(step)` and `train_step(state, batch)`, evaluates with `scorer`, sets
+the decision threshold from `calibration_images`, and checkpoints `state` with `info`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+Metrics = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Trainable:
+  """A built method.
+
+  state: one pytree, replicated on the mesh, of everything training changes and a checkpoint
+    holds (step, parameters, optimizer states, EMA copies, memory banks).
+  train_step: jitted (state, global batch) -> (state, metrics); donates `state`; None when built
+    for evaluation only (`build(..., train=False)`). Frozen parts
+    (backbones, VAEs, support pools) are its closure's business, not the loop's.
+  local_batch: step -> this process's rows of that step's global batch (numpy). A pure
+    function of (seed, step), so a resumed run sees exactly the batches it would have seen.
+  steps_per_epoch: what an "epoch" means for this method's data.
+  scorer: state -> a function of one global image batch (B,H,W[,3]) in [0, 1], split over `data`,
+    returning (maps (B,H,W), scores (B,)) split the same way. Per-evaluation work (MediCLIP's
+    text features) happens once in the outer call; `mediclip_jax.evaluate.scoring` batches,
+    pads and gathers.
+  calibration_images: normal images whose scores set the decision threshold.
+  threshold: calibration scores (all processes gathered) -> decision threshold.
+  info: JSON-able facts stored with every checkpoint (preprocessing, support set, backbone).
+  """
+  state: Any
+  train_step: Callable[[Any, dict], tuple[Any, Metrics]] | None
+  local_batch: Callable[[int], Batch]
+  steps_per_epoch: int
+  scorer: Callable[[Any], Callable[[jax.Array], tuple[jax.Array, jax.Array]]]
+  calibration_images: np.ndarray
+  threshold: Callable[[np.ndarray], float]
+  info: dict = dataclasses.field(default_factory=dict)
+
+
+def quantile_threshold(q: float) -> Callable[[np.ndarray], float]:
+  """The default calibration: the q-quantile of the normal calibration images' scores."""
+  if not 0.0 <= q <= 1.0:
+    raise ValueError(f"eval.threshold_quantile must lie in [0, 1], got {q}")
+  return lambda scores: float(np.quantile(np.asarray(scores, np.float64), q))
