@@ -8,9 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from mediclip_jax.models.clip import create_clip, get_variant
+from mediclip_jax.models.clip import create_clip, get_variant, load_clip, save_clip
 from mediclip_jax.weights import io
-from mediclip_jax.weights.clip_convert import load_clip, save_clip
 from mediclip_jax.weights.io import CheckpointError
 
 
@@ -94,6 +93,16 @@ def test_openai_layout_missing_block_tensor(own_dir, tmp_path):
   path = tmp_path / "openai.pt"
   torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
   with pytest.raises(CheckpointError, match=r"missing tensors \['transformer\.resblocks\.1\.mlp\.c_proj\.bias'\]"):
+    load_clip(path)
+
+
+def test_openai_layout_head_count_not_inferable(tmp_path):
+  """A 48-wide tower has no 64-wide heads: the error says so and how to pass the architecture."""
+  pytest.importorskip("torch")
+  from tests.test_clip_parity import _hf_model, _hf_to_openai, _state_dict_np
+  path = tmp_path / "openai.safetensors"
+  io.write_safetensors(path, _hf_to_openai(_state_dict_np(_hf_model())))
+  with pytest.raises(CheckpointError, match=r"vision width 48 is not a multiple of 64.*config="):
     load_clip(path)
 
 

@@ -4,10 +4,12 @@ transformers' `CLIPModel` builds and saves the weights (Hugging Face layout). Th
 rewritten in the OpenAI/open_clip layout (`visual.conv1.weight`, fused `in_proj_weight`, ...)
 prove the second converter against the same PyTorch numbers. Where open_clip is importable
 (it needs a working torchvision), its own `create_model` and position-embedding resize are
-compared directly.
+compared directly. An architecture that is none of the named variants loads through the
+config path (`clip_from_config` with `variant=None`), its shape read from the checkpoint.
 """
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -16,22 +18,23 @@ transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from mediclip_jax.models.clip import CLIPConfig  # noqa: E402
+from mediclip_jax.models.clip import CLIPConfig, clip_from_config, load_clip, save_clip  # noqa: E402
 from mediclip_jax.weights import io  # noqa: E402
-from mediclip_jax.weights.clip_convert import load_clip, save_clip  # noqa: E402
+from mediclip_jax.weights.io import CheckpointError  # noqa: E402
 
 TOL = 1e-4
 TAPS = (1, 2, 3)
 
 
-def _hf_model(act: str = "quick_gelu", vision_heads: int = 4, text_heads: int = 4, vw: int = 48, tw: int = 32):
+def _hf_model(act: str = "quick_gelu", vision_heads: int = 4, text_heads: int = 4, vw: int = 48, tw: int = 32,
+              patch: int = 8, image: int = 32, mlp_ratio: int = 4, projection: int = 24):
   torch.manual_seed(0)
   cfg = transformers.CLIPConfig(
-      text_config=dict(hidden_size=tw, intermediate_size=4 * tw, num_attention_heads=text_heads,
+      text_config=dict(hidden_size=tw, intermediate_size=mlp_ratio * tw, num_attention_heads=text_heads,
                        num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77, hidden_act=act),
-      vision_config=dict(hidden_size=vw, intermediate_size=4 * vw, num_attention_heads=vision_heads,
-                         num_hidden_layers=3, image_size=32, patch_size=8, hidden_act=act),
-      projection_dim=24)
+      vision_config=dict(hidden_size=vw, intermediate_size=mlp_ratio * vw, num_attention_heads=vision_heads,
+                         num_hidden_layers=3, image_size=image, patch_size=patch, hidden_act=act),
+      projection_dim=projection)
   model = transformers.CLIPModel(cfg).eval()
   with torch.no_grad():  # non-trivial LayerNorm affine params, so a swapped scale/bias is caught
     for name, p in model.named_parameters():
@@ -162,6 +165,45 @@ def test_openai_layout_explicit_config(tmp_path):
                    text_width=32, text_layers=2, text_heads=4)
   errs = _compare(load_clip(path, config=cfg), model, 32)
   assert max(errs.values()) <= TOL, errs
+
+
+def _clip_section(checkpoint, variant=None) -> ml_collections.ConfigDict:
+  """The fields of a config's `model.clip` section that clip_from_config reads."""
+  return ml_collections.ConfigDict({"variant": variant, "checkpoint": str(checkpoint), "act": None,
+                                    "dtype": "float32", "random_init_seed": 0})
+
+
+@pytest.fixture(scope="module")
+def unnamed_hf_dir(tmp_path_factory):
+  """An architecture that is no named variant: patch 4 at 24 px, widths 48/32 in 4/2 heads, MLP ratio 2."""
+  model = _hf_model(vision_heads=4, text_heads=2, vw=48, tw=32, patch=4, image=24, mlp_ratio=2, projection=24)
+  path = tmp_path_factory.mktemp("hf_unnamed")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, path
+
+
+@pytest.mark.parametrize("image_size", [24, 32])
+def test_unnamed_architecture_through_config(unnamed_hf_dir, image_size):
+  model, path = unnamed_hf_dir
+  ours = clip_from_config(_clip_section(path))
+  assert ours.cfg == CLIPConfig(embed_dim=24, image_size=24, patch_size=4, vision_width=48, vision_layers=3,
+                                vision_heads=4, text_width=32, text_layers=2, text_heads=2, mlp_ratio=2.0)
+  errs = _compare(ours, model, image_size)
+  assert max(errs.values()) <= TOL, errs
+
+
+def test_wrong_variant_names_the_differing_fields(unnamed_hf_dir):
+  _, path = unnamed_hf_dir
+  with pytest.raises(CheckpointError) as e:
+    clip_from_config(_clip_section(path, variant="tiny"))
+  msg = str(e.value)
+  assert msg.startswith(f"{path}: does not match model.clip.variant='tiny'"), msg
+  for field in ("embed_dim: variant 32, checkpoint 24", "patch_size: variant 8, checkpoint 4",
+                "vision_width: variant 64, checkpoint 48", "vision_layers: variant 4, checkpoint 3",
+                "text_heads: variant 4, checkpoint 2", "mlp_ratio: variant 4.0, checkpoint 2.0"):
+    assert field in msg, (field, msg)
+  for same in ("text_width", "text_layers", "image_size", "context_length"):
+    assert f"{same}:" not in msg, msg
 
 
 def test_own_format_round_trip(hf_dir, tmp_path):

@@ -41,7 +41,7 @@ def test_vocabulary_and_special_tokens(tokenizer):
   assert (tokenizer.sot_token, tokenizer.eot_token) == (49406, 49407)
   ids = tokenizer("X X X X X X X X normal.")[0]
   assert ids.shape == (77,) and ids.dtype == np.int32
-  assert list(ids[:9]) == [49406] + [343] * 8  # "x" is 343 (MEDICLIP.md §1.6)
+  assert list(ids[:9]) == [49406] + [343] * 8  # "x" is 343: the 8 context placeholders X
   assert ids[11] == 49407 and not ids[12:].any()
 
 

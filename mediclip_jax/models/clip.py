@@ -10,18 +10,27 @@ another size comes in, so one checkpoint serves any input size.
 Dtype policy: parameters are created (and stored) in `param_dtype` (fp32);
 matmuls, attention and the residual stream run in `dtype` (e.g. bf16).
 LayerNorm statistics and the attention softmax are computed in fp32.
+
+Building from weights: `load_clip` (any checkpoint `mediclip_jax.weights.clip_convert` reads,
+architecture taken from the checkpoint), `clip_from_config` (a config's `model.clip` section)
+and `save_clip` (our own format).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import os
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from mediclip_jax.weights import clip_convert
+from mediclip_jax.weights.io import CheckpointError
+from mediclip_jax.weights.params import assign_flat_params, flat_params
 
 Activation = Literal["quick_gelu", "gelu"]
 
@@ -155,7 +164,7 @@ class Block(nnx.Module):
   def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, ln_eps: float, *,
                dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    hidden = int(width * mlp_ratio)
+    hidden = round(width * mlp_ratio)  # round: ratios such as 6144/1408 are not exact in float
     self.ln_1 = nnx.LayerNorm(width, epsilon=ln_eps, **kw)
     self.attn = Attention(width, heads, **kw)
     self.ln_2 = nnx.LayerNorm(width, epsilon=ln_eps, **kw)
@@ -274,8 +283,83 @@ class CLIP(nnx.Module):
 
 
 def create_clip(cfg: CLIPConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIP:
-  """A randomly initialised CLIP (weights come from `mediclip_jax.weights.clip_convert`)."""
+  """A randomly initialised CLIP (`load_clip` fills one from a checkpoint)."""
   return CLIP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def read_clip(path: str | os.PathLike, config: CLIPConfig | None = None,
+              act: str | None = None) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
+  """(architecture, flat parameters) of a checkpoint, without building the model.
+
+  `config` replaces the architecture the checkpoint implies (needed for OpenAI-layout files
+  whose head width is not 64); `act` overrides the activation of any layout.
+  """
+  arch, params = clip_convert.read_clip_checkpoint(path, config.to_dict() if config else None, act)
+  return CLIPConfig.from_dict(arch), params
+
+
+def build_clip(cfg: CLIPConfig, params: dict[str, np.ndarray], source: str,
+               dtype=jnp.float32, param_dtype=jnp.float32) -> CLIP:
+  """A CLIP of architecture `cfg` holding `params` (names and shapes checked, naming `source` in errors)."""
+  model = create_clip(cfg, dtype=dtype, param_dtype=param_dtype)
+  assign_flat_params(model, params, source)
+  return model
+
+
+def load_clip(path: str | os.PathLike, config: CLIPConfig | None = None, act: str | None = None,
+              dtype=jnp.float32, param_dtype=jnp.float32) -> CLIP:
+  """Builds a CLIP of the checkpoint's architecture and fills it (shapes and names checked).
+
+  Any ViT architecture loads: it is read from the checkpoint (see `read_clip`).
+  """
+  cfg, params = read_clip(path, config, act)
+  return build_clip(cfg, params, os.fspath(path), dtype=dtype, param_dtype=param_dtype)
+
+
+def save_clip(model: CLIP, directory: str | os.PathLike) -> None:
+  """Writes our own checkpoint format (clip_config.json + fp32 model.safetensors), readable without torch."""
+  clip_convert.write_clip_checkpoint(directory, model.cfg.to_dict(), flat_params(model))
+
+
+# Fields a named variant must share with a checkpoint. Not the image size (position embeddings
+# are resampled at call time) nor the activation (a property of the weights, overridable by `act`).
+VARIANT_FIELDS = tuple(f.name for f in dataclasses.fields(CLIPConfig) if f.name not in ("image_size", "act"))
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_variant(cfg: CLIPConfig, variant: str, source: str) -> None:
+  """Raises CheckpointError naming `source`, `variant` and each field where `cfg` differs from it."""
+  expected = get_variant(variant)
+  diff = [f"{f}: variant {getattr(expected, f)}, checkpoint {getattr(cfg, f)}"
+          for f in VARIANT_FIELDS if getattr(expected, f) != getattr(cfg, f)]
+  if diff:
+    raise CheckpointError(f"{source}: does not match model.clip.variant={variant!r} ({'; '.join(diff)}); "
+                          "set model.clip.variant=None to take the checkpoint's architecture")
+
+
+def clip_from_config(c) -> CLIP:
+  """The backbone a config's `model.clip` section describes: a checkpoint's weights, or random init.
+
+  Fields read: `variant` (architecture name or None), `checkpoint` (path or None), `act`
+  (None, quick_gelu or gelu), `dtype` (float32 or bfloat16 compute) and `random_init_seed`.
+  Without a checkpoint `variant` names the architecture to initialise. With one the
+  architecture is the checkpoint's; a `variant` name is then only checked against it.
+  """
+  dtype = _DTYPES.get(c.dtype)
+  if dtype is None:
+    raise ValueError(f"model.clip.dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
+  if not c.checkpoint:
+    if not c.variant:
+      raise ValueError("model.clip.variant is required when model.clip.checkpoint is None: random init "
+                       f"needs an architecture, one of {sorted(VARIANTS)}")
+    overrides = {"act": c.act} if c.act else {}
+    return create_clip(get_variant(c.variant, **overrides), seed=c.random_init_seed, dtype=dtype)
+  source = os.fspath(c.checkpoint)
+  cfg, params = read_clip(source, act=c.act)
+  if c.variant:
+    check_variant(cfg, c.variant, source)
+  return build_clip(cfg, params, source, dtype=dtype)
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -1,14 +1,22 @@
-"""Load CLIP weights from the formats users have, without network access.
+"""Read and write CLIP weights in the formats users have, without network access or a model.
+
+This module only moves tensors: it returns the architecture as a plain dict (the fields of
+`mediclip_jax.models.clip.CLIPConfig`) and the parameters as a flat dict of numpy arrays in
+our dotted names ('visual.blocks.0.attn.qkv.kernel', ...). Building the network from them is
+`mediclip_jax.models.clip.load_clip`.
 
 Accepted sources:
   * our own checkpoint: a directory with `clip_config.json` + `model.safetensors`
-    (written by `save_clip` / `launch/convert_weights.py`);
+    (written by `write_clip_checkpoint`, e.g. through `launch/convert_weights.py`);
   * a Hugging Face CLIP directory: `config.json` + `model.safetensors` or `pytorch_model.bin`;
   * an OpenAI / open_clip state dict: `.safetensors`, `.pt`, `.pth`, `.bin` (pickles through
     `torch.load(weights_only=True)`; OpenAI's original TorchScript `.pt` archives through
     `torch.jit.load`, which runs no Python unpickling).
-Key layouts are recognised from the tensor names, so a `.safetensors` file in either the
-Hugging Face or the OpenAI layout loads.
+Key layouts are recognised from the tensor names, so a `.safetensors` file in any of the three
+layouts loads. The architecture is read from the tensor shapes (widths, depths, patch size,
+grid, context length, vocabulary, embedding width, MLP ratio); only the head count is not
+stored in the tensors: it is taken from the Hugging Face config.json or our clip_config.json
+where there is one, and otherwise set to width / 64 as OpenAI's builder does.
 """
 from __future__ import annotations
 
@@ -18,16 +26,20 @@ import os
 import re
 from collections.abc import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
-from mediclip_jax.models.clip import CLIP, CLIPConfig, create_clip
 from mediclip_jax.weights import io
 from mediclip_jax.weights.io import CheckpointError
-from mediclip_jax.weights.params import assign_flat_params, flat_params
 
 OWN_CONFIG = "clip_config.json"
 OWN_WEIGHTS = "model.safetensors"
+# The fields of an architecture dict, as CLIPConfig names them.
+ARCH_FIELDS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
+               "text_width", "text_layers", "text_heads", "context_length", "vocab_size", "mlp_ratio", "act",
+               "ln_eps")
+ACTIVATIONS = ("quick_gelu", "gelu")
+# OpenAI's builder (and open_clip's default) gives every attention head 64 channels.
+HEAD_WIDTH = 64
 # Buffers some exporters keep in the state dict; they carry no learned values.
 _IGNORED = ("input_resolution", "context_length", "vocab_size", "attn_mask",
             "vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
@@ -62,26 +74,90 @@ def detect_layout(tensors: Mapping[str, np.ndarray]) -> str:
       f"first keys: {sorted(keys)[:8]}")
 
 
-# ---------------------------------------------------------------- OpenAI / open_clip
+def _check_act(act: str, source: str) -> str:
+  if act not in ACTIVATIONS:
+    raise CheckpointError(f"{source}: activation {act!r} unsupported; expected one of {', '.join(ACTIVATIONS)}")
+  return act
 
 
-def config_from_openai(sd: Mapping[str, np.ndarray], act: str = "quick_gelu") -> CLIPConfig:
-  """Infers the architecture as OpenAI's builder does (head width 64 in both towers)."""
+def check_arch(arch: Mapping, source: str) -> dict:
+  """A complete architecture dict (every ARCH_FIELDS name, nothing else), as a new dict."""
+  missing = [f for f in ARCH_FIELDS if f not in arch]
+  unknown = sorted(set(arch) - set(ARCH_FIELDS))
+  if missing or unknown:
+    raise CheckpointError(f"{source}: CLIP architecture "
+                          + (f"lacks fields {missing} " if missing else "")
+                          + (f"has unknown fields {unknown}" if unknown else ""))
+  _check_act(arch["act"], source)
+  return {f: arch[f] for f in ARCH_FIELDS}
+
+
+# ---------------------------------------------------------------- architecture from tensors
+
+
+def _heads(width: int, tower: str, source: str) -> int:
+  if width % HEAD_WIDTH:
+    raise CheckpointError(
+        f"{source}: {tower} width {width} is not a multiple of {HEAD_WIDTH}, so its head count cannot be "
+        "inferred from the tensors; pass the architecture explicitly (load_clip(..., config=...))")
+  return width // HEAD_WIDTH
+
+
+def infer_arch(params: Mapping[str, np.ndarray], source: str, act: str = "quick_gelu") -> dict:
+  """The architecture implied by our flat parameters' shapes (heads: width / 64; `act` as given).
+
+  Raises CheckpointError when a needed tensor is absent, the position embedding is not a
+  class token plus a square grid, or the two towers' MLP ratios differ.
+  """
   try:
-    vw = sd["visual.conv1.weight"].shape[0]
-    patch = sd["visual.conv1.weight"].shape[-1]
-    grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
-    tw = sd["ln_final.weight"].shape[0]
-    return CLIPConfig(
-        embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
-        vision_width=vw, vision_layers=_count_blocks(sd, "visual.transformer.resblocks."),
-        vision_heads=vw // 64, text_width=tw, text_layers=_count_blocks(sd, "transformer.resblocks."),
-        text_heads=tw // 64, context_length=sd["positional_embedding"].shape[0],
-        vocab_size=sd["token_embedding.weight"].shape[0],
-        mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vw, act=act)
+    patch, _, _, vw = params["visual.patch_embed"].shape
+    n_pos = params["visual.pos_embed"].shape[0]
+    vocab, tw = params["text.token_embedding"].shape
+    v_hidden = params["visual.blocks.0.fc.kernel"].shape[1]
+    t_hidden = params["text.blocks.0.fc.kernel"].shape[1]
+    arch = dict(
+        embed_dim=int(params["visual.proj"].shape[1]), patch_size=int(patch),
+        vision_width=int(vw), vision_layers=_count_blocks(params, "visual.blocks."),
+        vision_heads=_heads(int(vw), "vision", source),
+        text_width=int(tw), text_layers=_count_blocks(params, "text.blocks."),
+        text_heads=_heads(int(tw), "text", source),
+        context_length=int(params["text.pos_embed"].shape[0]), vocab_size=int(vocab),
+        act=_check_act(act, source), ln_eps=1e-5)
   except KeyError as e:
-    raise CheckpointError(f"OpenAI/open_clip state dict lacks {e.args[0]!r}, needed to infer the architecture") from e
+    raise CheckpointError(f"{source}: lacks tensor {e.args[0]!r}, needed to infer the CLIP architecture") from e
+  grid = math.isqrt(max(n_pos - 1, 0))
+  if grid * grid != n_pos - 1:
+    raise CheckpointError(f"{source}: vision position embedding has {n_pos} rows, not 1 + a square grid")
+  if v_hidden * tw != t_hidden * vw:
+    raise CheckpointError(f"{source}: vision MLP ratio {v_hidden}/{vw} differs from text MLP ratio "
+                          f"{t_hidden}/{tw}; one shared ratio is supported")
+  arch["image_size"] = int(patch) * grid
+  arch["mlp_ratio"] = v_hidden / vw
+  return check_arch(arch, source)
 
+
+def arch_from_hf_config(hf: Mapping) -> dict:
+  """Architecture dict from a transformers `config.json` dict of a CLIPModel."""
+  try:
+    v, t = hf["vision_config"], hf["text_config"]
+    acts = {v.get("hidden_act", "quick_gelu"), t.get("hidden_act", "quick_gelu")}
+    if len(acts) != 1 or not acts <= set(ACTIVATIONS):
+      raise CheckpointError(f"config.json: hidden_act {sorted(acts)} unsupported; expected one of quick_gelu, gelu")
+    ratios = {v["intermediate_size"] / v["hidden_size"], t["intermediate_size"] / t["hidden_size"]}
+    if len(ratios) != 1:
+      raise CheckpointError(f"config.json: vision and text MLP ratios differ ({sorted(ratios)}); unsupported")
+    eps = {v.get("layer_norm_eps", 1e-5), t.get("layer_norm_eps", 1e-5)}
+    return dict(
+        embed_dim=hf.get("projection_dim", 512), image_size=v["image_size"], patch_size=v["patch_size"],
+        vision_width=v["hidden_size"], vision_layers=v["num_hidden_layers"], vision_heads=v["num_attention_heads"],
+        text_width=t["hidden_size"], text_layers=t["num_hidden_layers"], text_heads=t["num_attention_heads"],
+        context_length=t.get("max_position_embeddings", 77), vocab_size=t.get("vocab_size", 49408),
+        mlp_ratio=ratios.pop(), act=acts.pop(), ln_eps=eps.pop() if len(eps) == 1 else 1e-5)
+  except KeyError as e:
+    raise CheckpointError(f"config.json lacks field {e.args[0]!r} of a transformers CLIPModel config") from e
+
+
+# ---------------------------------------------------------------- key layouts
 
 # Per residual block: (our name, source names concatenated along axis 0, transpose to (in, out)).
 BlockTable = tuple[tuple[str, tuple[str, ...], bool], ...]
@@ -93,6 +169,16 @@ _OPENAI_BLOCK: BlockTable = (
     ("ln_2.scale", ("ln_2.weight",), False), ("ln_2.bias", ("ln_2.bias",), False),
     ("fc.kernel", ("mlp.c_fc.weight",), True), ("fc.bias", ("mlp.c_fc.bias",), False),
     ("proj.kernel", ("mlp.c_proj.weight",), True), ("proj.bias", ("mlp.c_proj.bias",), False),
+)
+
+_HF_BLOCK: BlockTable = (
+    ("ln_1.scale", ("layer_norm1.weight",), False), ("ln_1.bias", ("layer_norm1.bias",), False),
+    ("attn.qkv.kernel", tuple(f"self_attn.{n}_proj.weight" for n in "qkv"), True),
+    ("attn.qkv.bias", tuple(f"self_attn.{n}_proj.bias" for n in "qkv"), False),
+    ("attn.out.kernel", ("self_attn.out_proj.weight",), True), ("attn.out.bias", ("self_attn.out_proj.bias",), False),
+    ("ln_2.scale", ("layer_norm2.weight",), False), ("ln_2.bias", ("layer_norm2.bias",), False),
+    ("fc.kernel", ("mlp.fc1.weight",), True), ("fc.bias", ("mlp.fc1.bias",), False),
+    ("proj.kernel", ("mlp.fc2.weight",), True), ("proj.bias", ("mlp.fc2.bias",), False),
 )
 
 
@@ -109,25 +195,25 @@ def _convert_blocks(sd, table: BlockTable, src_prefix: str, dst_prefix: str, n: 
       out[f"{dst_prefix}{i}.{dst}"] = _t(a) if transpose else a
 
 
-def _used_openai_keys(cfg: CLIPConfig) -> set[str]:
-  keys = {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
-          "visual.ln_pre.weight", "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias",
-          "visual.proj", "token_embedding.weight", "positional_embedding", "ln_final.weight",
-          "ln_final.bias", "text_projection", "logit_scale"}
-  keys |= _block_keys(_OPENAI_BLOCK, "visual.transformer.resblocks.", cfg.vision_layers)
-  keys |= _block_keys(_OPENAI_BLOCK, "transformer.resblocks.", cfg.text_layers)
-  return keys
-
-
-def from_openai(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, source: str) -> dict[str, np.ndarray]:
-  """OpenAI / open_clip state dict -> our flat parameter names."""
-  used = _used_openai_keys(cfg)
+def _check_keys(sd: Mapping[str, np.ndarray], used: set[str], source: str, layout: str) -> None:
   missing = sorted(used - set(sd))
   extra = sorted(k for k in sd if k not in used and not k.endswith(_IGNORED))
   if missing or extra:
-    raise CheckpointError(f"{source}: OpenAI/open_clip layout: "
+    raise CheckpointError(f"{source}: {layout} layout: "
                           + (f"missing tensors {missing[:20]} " if missing else "")
                           + (f"unexpected tensors {extra[:20]}" if extra else ""))
+
+
+def from_openai(sd: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+  """OpenAI / open_clip state dict -> our flat parameter names (block counts read from the keys)."""
+  v_prefix, t_prefix = "visual.transformer.resblocks.", "transformer.resblocks."
+  nv, nt = _count_blocks(sd, v_prefix), _count_blocks(sd, t_prefix)
+  used = {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+          "visual.ln_pre.weight", "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias",
+          "visual.proj", "token_embedding.weight", "positional_embedding", "ln_final.weight",
+          "ln_final.bias", "text_projection", "logit_scale"}
+  used |= _block_keys(_OPENAI_BLOCK, v_prefix, nv) | _block_keys(_OPENAI_BLOCK, t_prefix, nt)
+  _check_keys(sd, used, source, "OpenAI/open_clip")
   out = {
       "visual.patch_embed": np.transpose(sd["visual.conv1.weight"], (2, 3, 1, 0)),
       "visual.class_embedding": sd["visual.class_embedding"],
@@ -141,62 +227,22 @@ def from_openai(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, source: str) -> d
       "text.proj": sd["text_projection"],
       "logit_scale": np.asarray(sd["logit_scale"]).reshape(()),
   }
-  _convert_blocks(sd, _OPENAI_BLOCK, "visual.transformer.resblocks.", "visual.blocks.", cfg.vision_layers, out)
-  _convert_blocks(sd, _OPENAI_BLOCK, "transformer.resblocks.", "text.blocks.", cfg.text_layers, out)
+  _convert_blocks(sd, _OPENAI_BLOCK, v_prefix, "visual.blocks.", nv, out)
+  _convert_blocks(sd, _OPENAI_BLOCK, t_prefix, "text.blocks.", nt, out)
   return out
 
 
-# ---------------------------------------------------------------- Hugging Face transformers
-
-
-def config_from_hf(hf: Mapping) -> CLIPConfig:
-  """CLIPConfig from a transformers `config.json` dict of a CLIPModel."""
-  try:
-    v, t = hf["vision_config"], hf["text_config"]
-    acts = {v.get("hidden_act", "quick_gelu"), t.get("hidden_act", "quick_gelu")}
-    if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
-      raise CheckpointError(f"config.json: hidden_act {sorted(acts)} unsupported; expected one of quick_gelu, gelu")
-    ratios = {v["intermediate_size"] / v["hidden_size"], t["intermediate_size"] / t["hidden_size"]}
-    if len(ratios) != 1:
-      raise CheckpointError(f"config.json: vision and text MLP ratios differ ({sorted(ratios)}); unsupported")
-    eps = {v.get("layer_norm_eps", 1e-5), t.get("layer_norm_eps", 1e-5)}
-    return CLIPConfig(
-        embed_dim=hf.get("projection_dim", 512), image_size=v["image_size"], patch_size=v["patch_size"],
-        vision_width=v["hidden_size"], vision_layers=v["num_hidden_layers"], vision_heads=v["num_attention_heads"],
-        text_width=t["hidden_size"], text_layers=t["num_hidden_layers"], text_heads=t["num_attention_heads"],
-        context_length=t.get("max_position_embeddings", 77), vocab_size=t.get("vocab_size", 49408),
-        mlp_ratio=ratios.pop(), act=acts.pop(), ln_eps=eps.pop() if len(eps) == 1 else 1e-5)
-  except KeyError as e:
-    raise CheckpointError(f"config.json lacks field {e.args[0]!r} of a transformers CLIPModel config") from e
-
-
-_HF_BLOCK: BlockTable = (
-    ("ln_1.scale", ("layer_norm1.weight",), False), ("ln_1.bias", ("layer_norm1.bias",), False),
-    ("attn.qkv.kernel", tuple(f"self_attn.{n}_proj.weight" for n in "qkv"), True),
-    ("attn.qkv.bias", tuple(f"self_attn.{n}_proj.bias" for n in "qkv"), False),
-    ("attn.out.kernel", ("self_attn.out_proj.weight",), True), ("attn.out.bias", ("self_attn.out_proj.bias",), False),
-    ("ln_2.scale", ("layer_norm2.weight",), False), ("ln_2.bias", ("layer_norm2.bias",), False),
-    ("fc.kernel", ("mlp.fc1.weight",), True), ("fc.bias", ("mlp.fc1.bias",), False),
-    ("proj.kernel", ("mlp.fc2.weight",), True), ("proj.bias", ("mlp.fc2.bias",), False),
-)
-
-
-def from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, source: str) -> dict[str, np.ndarray]:
-  """transformers CLIPModel state dict -> our flat parameter names."""
+def from_hf(sd: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+  """transformers CLIPModel state dict -> our flat parameter names (block counts read from the keys)."""
   v, t = "vision_model.", "text_model."
+  nv, nt = _count_blocks(sd, f"{v}encoder.layers."), _count_blocks(sd, f"{t}encoder.layers.")
   used = {f"{v}embeddings.class_embedding", f"{v}embeddings.patch_embedding.weight",
           f"{v}embeddings.position_embedding.weight", f"{v}pre_layrnorm.weight", f"{v}pre_layrnorm.bias",
           f"{v}post_layernorm.weight", f"{v}post_layernorm.bias", "visual_projection.weight",
           f"{t}embeddings.token_embedding.weight", f"{t}embeddings.position_embedding.weight",
           f"{t}final_layer_norm.weight", f"{t}final_layer_norm.bias", "text_projection.weight", "logit_scale"}
-  used |= _block_keys(_HF_BLOCK, f"{v}encoder.layers.", cfg.vision_layers)
-  used |= _block_keys(_HF_BLOCK, f"{t}encoder.layers.", cfg.text_layers)
-  missing = sorted(used - set(sd))
-  extra = sorted(k for k in sd if k not in used and not k.endswith(_IGNORED))
-  if missing or extra:
-    raise CheckpointError(f"{source}: transformers CLIP layout: "
-                          + (f"missing tensors {missing[:20]} " if missing else "")
-                          + (f"unexpected tensors {extra[:20]}" if extra else ""))
+  used |= _block_keys(_HF_BLOCK, f"{v}encoder.layers.", nv) | _block_keys(_HF_BLOCK, f"{t}encoder.layers.", nt)
+  _check_keys(sd, used, source, "transformers CLIP")
   out = {
       "visual.patch_embed": np.transpose(sd[f"{v}embeddings.patch_embedding.weight"], (2, 3, 1, 0)),
       "visual.class_embedding": sd[f"{v}embeddings.class_embedding"],
@@ -210,8 +256,8 @@ def from_hf(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, source: str) -> dict[
       "text.proj": _t(sd["text_projection.weight"]),
       "logit_scale": np.asarray(sd["logit_scale"]).reshape(()),
   }
-  _convert_blocks(sd, _HF_BLOCK, f"{v}encoder.layers.", "visual.blocks.", cfg.vision_layers, out)
-  _convert_blocks(sd, _HF_BLOCK, f"{t}encoder.layers.", "text.blocks.", cfg.text_layers, out)
+  _convert_blocks(sd, _HF_BLOCK, f"{v}encoder.layers.", "visual.blocks.", nv, out)
+  _convert_blocks(sd, _HF_BLOCK, f"{t}encoder.layers.", "text.blocks.", nt, out)
   return out
 
 
@@ -231,87 +277,62 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
   return io.strip_prefix(sd, ("module.", "state_dict.", "model."))
 
 
-def read_clip_checkpoint(path: str | os.PathLike, config: CLIPConfig | None = None,
-                         act: str | None = None) -> tuple[CLIPConfig, dict[str, np.ndarray]]:
-  """Returns (architecture, our flat parameters) from any supported CLIP checkpoint.
+def _read_dir(path: str) -> tuple[dict | None, dict[str, np.ndarray], str]:
+  """(architecture from the directory's config file, our flat parameters, weights file) of a checkpoint directory."""
+  if os.path.isfile(os.path.join(path, OWN_CONFIG)):
+    with open(os.path.join(path, OWN_CONFIG)) as f:
+      arch = json.load(f)
+    weights = os.path.join(path, OWN_WEIGHTS)
+    return arch, io.read_safetensors(weights)[0], weights
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise CheckpointError(f"{path}: directory holds neither {OWN_CONFIG} (mediclip_jax) nor config.json "
+                          "(Hugging Face CLIP)")
+  with open(os.path.join(path, "config.json")) as f:
+    arch = arch_from_hf_config(json.load(f))
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    weights = os.path.join(path, name)
+    if os.path.isfile(weights):
+      return arch, from_hf(io.read_tensors(weights), weights), weights
+  raise CheckpointError(f"{path}: Hugging Face CLIP directory without model.safetensors or pytorch_model.bin")
+
+
+def read_clip_checkpoint(path: str | os.PathLike, arch: Mapping | None = None,
+                         act: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+  """Returns (architecture dict, our flat parameters) from any supported CLIP checkpoint.
 
   Args:
     path: a checkpoint directory or file (see the module docstring).
-    config: the architecture, if it cannot be inferred (e.g. OpenAI-layout files whose head
-      count is not width/64); it is checked against the tensors' shapes.
-    act: activation override for OpenAI-layout files ('quick_gelu' for OpenAI's weights,
-      'gelu' for most open_clip-trained ones).
+    arch: the architecture (all ARCH_FIELDS), used instead of the file's config or the
+      tensors' shapes, e.g. for OpenAI-layout files whose head width is not 64. Whether it
+      fits the tensors is checked when they are assigned to a model.
+    act: activation override, for every layout ('quick_gelu' for OpenAI's weights, 'gelu'
+      for most open_clip-trained ones). Without it: the config file's, else quick_gelu.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such CLIP checkpoint file or directory")
   if os.path.isdir(path):
-    if os.path.isfile(os.path.join(path, OWN_CONFIG)):
-      with open(os.path.join(path, OWN_CONFIG)) as f:
-        cfg = config or CLIPConfig.from_dict(json.load(f))
-      return cfg, io.read_safetensors(os.path.join(path, OWN_WEIGHTS))[0]
-    if not os.path.isfile(os.path.join(path, "config.json")):
-      raise CheckpointError(f"{path}: directory holds neither {OWN_CONFIG} (mediclip_jax) nor config.json "
-                            "(Hugging Face CLIP)")
-    with open(os.path.join(path, "config.json")) as f:
-      cfg = config or config_from_hf(json.load(f))
-    for name in ("model.safetensors", "pytorch_model.bin"):
-      if os.path.isfile(os.path.join(path, name)):
-        return cfg, from_hf(io.read_tensors(os.path.join(path, name)), cfg, os.path.join(path, name))
-    raise CheckpointError(f"{path}: Hugging Face CLIP directory without model.safetensors or pytorch_model.bin")
-  sd = _read_state_dict(path)
-  layout = detect_layout(sd)
-  if layout == "hf":
-    if config is None:
-      raise CheckpointError(f"{path}: a transformers-layout file needs its config.json (load the directory instead)")
-    return config, from_hf(sd, config, path)
-  if layout == "own":
-    if config is None:
-      raise CheckpointError(f"{path}: a mediclip_jax weights file needs its {OWN_CONFIG} (load the directory)")
-    return config, sd
-  cfg = config or config_from_openai(sd, act=act or "quick_gelu")
-  return cfg, from_openai(sd, cfg, path)
+    found, params, source = _read_dir(path)
+  else:
+    sd, source = _read_state_dict(path), path
+    layout = detect_layout(sd)
+    params = {"hf": from_hf, "openai": from_openai}[layout](sd, path) if layout != "own" else sd
+    found = None
+  if arch is None:
+    arch = found if found is not None else infer_arch(params, source)
+  arch = check_arch(arch, source)
+  if act is not None:
+    arch["act"] = _check_act(act, source)
+  return arch, params
 
 
-def load_clip(path: str | os.PathLike, config: CLIPConfig | None = None, act: str | None = None,
-              dtype=jnp.float32, param_dtype=jnp.float32) -> CLIP:
-  """Builds a CLIP and fills it from any supported checkpoint (shapes and names checked)."""
-  cfg, params = read_clip_checkpoint(path, config, act)
-  model = create_clip(cfg, dtype=dtype, param_dtype=param_dtype)
-  assign_flat_params(model, params, os.fspath(path))
-  return model
-
-
-def save_clip(model: CLIP, directory: str | os.PathLike) -> None:
+def write_clip_checkpoint(directory: str | os.PathLike, arch: Mapping, params: Mapping[str, np.ndarray]) -> None:
   """Writes our own checkpoint format: clip_config.json + model.safetensors (fp32)."""
   directory = os.fspath(directory)
+  arch = check_arch(arch, directory)
   os.makedirs(directory, exist_ok=True)
   io.write_safetensors(os.path.join(directory, OWN_WEIGHTS),
-                       {k: v.astype(np.float32) for k, v in flat_params(model).items()},
+                       {k: np.asarray(v, np.float32) for k, v in params.items()},
                        metadata={"format": "mediclip_jax.clip", "version": "1"})
   with open(os.path.join(directory, OWN_CONFIG), "w") as f:
-    json.dump(model.cfg.to_dict(), f, indent=2)
-
-
-def clip_from_config(c) -> CLIP:
-  """The backbone a config's `model.clip` section describes: converted weights, or random init.
-
-  With a checkpoint, the named `variant` must agree with the checkpoint's architecture (the
-  image size may differ: position embeddings are resampled at run time).
-  """
-  from mediclip_jax.models.clip import get_variant  # pylint: disable=import-outside-toplevel
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(c.dtype)
-  if dtype is None:
-    raise ValueError(f"model.clip.dtype must be 'float32' or 'bfloat16', got {c.dtype!r}")
-  overrides = {"act": c.act} if c.act else {}
-  if not c.checkpoint:
-    return create_clip(get_variant(c.variant, **overrides), seed=c.random_init_seed, dtype=dtype)
-  model = load_clip(c.checkpoint, act=c.act, dtype=dtype)
-  expected = get_variant(c.variant, **overrides)
-  got = model.cfg
-  fields = ("vision_width", "vision_layers", "patch_size", "text_width", "text_layers", "embed_dim")
-  diff = [f"{f}: variant {getattr(expected, f)} vs checkpoint {getattr(got, f)}"
-          for f in fields if getattr(expected, f) != getattr(got, f)]
-  if diff:
-    raise CheckpointError(f"{c.checkpoint}: does not match model.clip.variant={c.variant!r} ({'; '.join(diff)})")
-  return model
+    json.dump(arch, f, indent=2)
