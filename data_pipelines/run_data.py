@@ -47,7 +47,13 @@ def open_dataset(data: ml_collections.ConfigDict, workdir: str, seed: int) -> da
         "config.data.root is not set: pass --config.data.root=/path/to/dataset (MediCLIP layout "
         "root/samples/{train,test}.json, or plain folders root/train/normal, root/test/{normal,abnormal}), "
         "or try the embedded phantom data: --config configs/chestxray.py:phantom,tiny")
-  return datasets.load_dataset(root)
+  try:
+    return datasets.load_dataset(root)
+  except datasets.DatasetError as e:
+    if os.path.exists(root):
+      raise
+    raise datasets.DatasetError(f"{e}\nPoint --config.data.root=/path/to/dataset at your copy, or try the "
+                                f"embedded phantom data: --config configs/chestxray.py:phantom,tiny") from e
 
 
 def load_test_share(dataset: datasets.Dataset, data: ml_collections.ConfigDict) -> TestShare:

@@ -21,3 +21,8 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def bpe_path(shared_dir) -> Path:
   return shared_dir / "weights" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores; the fast tier is "
+                          "`python -m pytest -q -m \"not slow\" tests`")

@@ -1,5 +1,5 @@
 """Run as a script with 8 fake CPU devices: the same 3 steps on 1 device and on 8 devices, and
-the same evaluation maps from one device and from a batch split over 8 (`predict_sharded`).
+the same evaluation maps from one device and from a batch split over 8 (`evaluate.scoring.score_share`).
 
 Prints one JSON line with the largest differences; tests/test_parallel.py asserts on it.
 """
@@ -16,10 +16,10 @@ from flax import nnx  # noqa: E402
 
 from mediclip_jax.models.clip import create_clip, get_variant  # noqa: E402
 from mediclip_jax.models.mediclip import MediCLIP  # noqa: E402
-from mediclip_jax.evaluate import runner  # noqa: E402
+from mediclip_jax.evaluate import scoring  # noqa: E402
+from mediclip_jax.methods import mediclip as step_lib  # noqa: E402
 from mediclip_jax.parallel import global_array, local_rows, make_mesh, replicate  # noqa: E402
 from mediclip_jax.synthesis import mix  # noqa: E402
-from mediclip_jax.train import step as step_lib, synthesis_fn  # noqa: E402
 from mediclip_jax.weights.tokenizer import tokenizer_for  # noqa: E402
 
 SIZE, STEPS, BATCH = 64, 3, 8
@@ -31,11 +31,12 @@ def run(devices, support):
   graphdef, params, frozen_model = step_lib.split_model(model)
   mesh = make_mesh(devices)
   cfg = mix.default_config()
-  synth, make_aux = synthesis_fn.build_synthesis(cfg)
-  opt = step_lib.make_optimizer(ml_collections.ConfigDict({"lr": 1e-3, "b1": 0.5, "b2": 0.999, "eps": 1e-8}))
+  synth, make_pools = mix.build_synthesis(cfg)
+  opt = step_lib.make_optimizer(ml_collections.ConfigDict({"lr": 1e-3, "b1": 0.5, "b2": 0.999, "eps": 1e-8,
+                                                           "grad_clip_norm": 0.0}))
   train_step = step_lib.make_train_step(graphdef, opt, synth, mesh,
                                         ml_collections.ConfigDict({"truncate_labels": True, "focal_gamma": 2.0}))
-  frozen = replicate({"model": frozen_model, "aux": make_aux(support), "support": support}, mesh)
+  frozen = replicate({"model": frozen_model, "pools": make_pools(support), "support": support}, mesh)
   state = replicate(step_lib.init_state(params, opt, 7), mesh)
   losses = []
   for s in range(STEPS + 7):
@@ -55,10 +56,12 @@ def eval_diff(support) -> dict:
                    rngs=nnx.Rngs(1))
   graphdef, params, frozen_model = step_lib.split_model(model)
   images = np.concatenate([support, support, support[:3]])
-  m1, s1 = runner.predict(graphdef, params, frozen_model, images, 5)
+  scores = {}
+  for name, mesh in (("1", make_mesh(jax.devices()[:1])), ("8", make_mesh())):
+    scorer = step_lib.make_scorer(graphdef, replicate(frozen_model, mesh), mesh)
+    scores[name] = scoring.score_share(scorer({"params": replicate(params, mesh)}), images, 5, mesh)
+  (m1, s1), (m8, s8) = scores["1"], scores["8"]
   mesh = make_mesh()
-  p8, f8 = replicate(params, mesh), replicate(frozen_model, mesh)
-  m8, s8 = runner.predict_sharded(graphdef, p8, f8, images, 5, mesh)
   x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
   return {"eval_map_diff": float(np.abs(m1 - m8).max()), "eval_score_diff": float(np.abs(s1 - s8).max()),
           "eval_n": int(m8.shape[0]), "local_rows_roundtrip": bool((local_rows(global_array(x, mesh)) == x).all())}

@@ -13,8 +13,8 @@ from mediclip_jax.models.clip import create_clip, get_variant
 from mediclip_jax.models.mediclip import MediCLIP, align_corners_matrix, upsample_align_corners
 from mediclip_jax.models.prompts import ABNORMAL_WORDS, NORMAL_WORDS
 from mediclip_jax.parallel import make_mesh, replicate
-from mediclip_jax.train import step as step_lib
-from mediclip_jax.train.losses import dice_loss, focal_loss
+from mediclip_jax.methods import mediclip as step_lib
+from mediclip_jax.methods.losses import dice_loss, focal_loss
 from mediclip_jax.weights.params import flat_params
 from mediclip_jax.weights.tokenizer import tokenizer_for
 
@@ -83,10 +83,10 @@ def test_focal_and_dice_match_reference_formulas():
   assert float(focal_loss(jnp.asarray(p1), jnp.asarray(mask), truncate_labels=False)) != pytest.approx(ref_focal)
 
 
-def _fixed_batch_synth(key, step, images, sample_index, aux):
+def _fixed_batch_synth(key, step, images, sample_index, pools):
   """Synthesis stand-in that returns the images unchanged with fixed masks: a fixed batch."""
   del key, step
-  return {"image": images, "mask": jnp.take(aux["masks"], sample_index % aux["masks"].shape[0], axis=0),
+  return {"image": images, "mask": jnp.take(pools["masks"], sample_index % pools["masks"].shape[0], axis=0),
           "task": jnp.zeros(images.shape[0], jnp.int32)}
 
 
@@ -95,14 +95,15 @@ def test_step_updates_only_trainables_and_loss_decreases_on_fixed_batch():
   before = flat_params(model)
   graphdef, params, frozen_model = step_lib.split_model(model)
   mesh = make_mesh(jax.devices()[:1])
-  opt = step_lib.make_optimizer(ml_collections.ConfigDict({"lr": 1e-2, "b1": 0.5, "b2": 0.999, "eps": 1e-8}))
+  opt = step_lib.make_optimizer(ml_collections.ConfigDict({"lr": 1e-2, "b1": 0.5, "b2": 0.999, "eps": 1e-8,
+                                                           "grad_clip_norm": 0.0}))
   train_step = step_lib.make_train_step(graphdef, opt, _fixed_batch_synth, mesh,
                                         ml_collections.ConfigDict({"truncate_labels": True, "focal_gamma": 2.0}))
   rng = np.random.default_rng(0)
   support = rng.uniform(size=(4, SIZE, SIZE)).astype(np.float32)
   masks = np.zeros((4, SIZE, SIZE), np.float32)
   masks[:2, 8:20, 10:24] = 1
-  frozen = replicate({"model": frozen_model, "aux": {"masks": masks}, "support": support}, mesh)
+  frozen = replicate({"model": frozen_model, "pools": {"masks": masks}, "support": support}, mesh)
   state = replicate(step_lib.init_state(params, opt, 0), mesh)
   batch = {"support_index": jnp.arange(4, dtype=jnp.int32), "sample_index": jnp.arange(4, dtype=jnp.int32)}
   losses = []

@@ -38,8 +38,7 @@ def _env() -> dict[str, str]:
 
 def _cmd(workdir: Path, data_root: Path, epochs: int, *extra: str) -> list[str]:
   return [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "brainmri.py") + ":tiny",
-          "--workdir", str(workdir), f"--config.data.root={data_root}", "--config.data.image_size=64",
-          "--config.model.clip.image_size=64", f"--config.train.epochs={epochs}", "--config.eval.every_epochs=1000",
+          "--workdir", str(workdir), f"--config.data.root={data_root}", "--config.data.image_size=64", f"--config.train.epochs={epochs}", "--config.eval.every_epochs=1000",
           "--config.train.checkpoint_every_steps=2", *extra]
 
 
@@ -90,13 +89,13 @@ def pair_run(tmp_path_factory, shared_dir) -> dict:
 
 def test_processes_end_with_identical_parameters(pair_run):
   wd = pair_run["workdir"]
-  assert "devices=2 processes=2 support=16 test=220 (110 per process) steps=4" in pair_run["logs"][0]
+  assert "2 devices, 2 processes; test=220 (110 per process); 4 steps of 2 per epoch" in pair_run["logs"][0]
   p0, p1 = np.load(wd / "params_process0.npz"), np.load(wd / "params_process1.npz")
   assert p0.files and sorted(p0.files) == sorted(p1.files)
   for k in p0.files:
     np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
   # Only process 0 writes results and prints them.
-  assert '"last_epoch"' in pair_run["logs"][0] and '"last_epoch"' not in pair_run["logs"][1]
+  assert "last epoch" in pair_run["logs"][0] and "last epoch" not in pair_run["logs"][1]
   results = json.loads((wd / "results.json").read_text())
   assert results["steps"] == 4 and 0.0 <= results["last_epoch"]["image_auroc"] <= 1.0
   assert (wd / "checkpoints" / "4").is_dir()
@@ -111,7 +110,7 @@ def test_checkpoint_restores_in_one_process_and_continues(pair_run, tmp_path):
   codes = _run_all([_cmd(wd, root, 2)], [tmp_path / "eval.log"], RUN_TIMEOUT_S)
   log = (tmp_path / "eval.log").read_text()
   assert codes == [0], log[-3000:]
-  assert "resumed from step 4" in log and "devices=1 processes=1" in log
+  assert "resumed from step 4" in log and "1 devices, 1 processes" in log
   single_metrics = json.loads((wd / "results.json").read_text())["last_epoch"]
   for k, v in pair_metrics.items():
     assert abs(single_metrics[k] - v) <= 1e-6, (k, v, single_metrics[k])

@@ -1,4 +1,5 @@
-"""launch/train.py end to end on the embedded phantom data; kill and resume; predict; clear data errors."""
+"""launch/train.py end to end on the embedded phantom data: outputs checked against an independent
+computation, SIGTERM's stop path, kill -9 and resume, predict, clear data errors."""
 from __future__ import annotations
 
 import json
@@ -11,29 +12,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from mediclip_jax.train.writers import read_records
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 OVERRIDES = ["--config.train.epochs=6", "--config.train.checkpoint_every_steps=2", "--config.eval.every_epochs=3",
-             "--config.data.phantom_n_test=8", "--config.data.phantom_size=64", "--config.data.image_size=64",
-             "--config.model.clip.image_size=64"]
+             "--config.data.phantom_n_test=8", "--config.data.phantom_size=64", "--config.data.image_size=64"]
 
 
-def _train_cmd(workdir: Path) -> list[str]:
+def _train_cmd(workdir: Path, *extra: str) -> list[str]:
   return [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "chestxray.py") +
-          ":phantom,tiny", "--workdir", str(workdir), *OVERRIDES]
+          ":phantom,tiny", "--workdir", str(workdir), *OVERRIDES, *extra]
 
 
 def _env():
   return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
 
 
+def _restore(workdir: Path):
+  from data_pipelines import datasets
+  from mediclip_jax import parallel
+  from mediclip_jax.evaluate import restore
+  mesh = parallel.make_mesh()
+  config, _ = restore.stored_config(str(workdir))
+  return restore.load_run(str(workdir), mesh, dataset=datasets.load_dataset(workdir / "phantom_data")), mesh
+
+
 def _final_params(workdir: Path) -> dict[str, np.ndarray]:
-  from mediclip_jax.evaluate.restore import load_trained
   from flax import nnx
-  t = load_trained(str(workdir))
-  return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(t.params)}
+  run, _ = _restore(workdir)
+  return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(run.state["params"])}
 
 
 @pytest.fixture(scope="module")
@@ -41,50 +51,77 @@ def uninterrupted(tmp_path_factory) -> Path:
   wd = tmp_path_factory.mktemp("run") / "a"
   proc = subprocess.run(_train_cmd(wd), env=_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  (wd / "console.txt").write_text(proc.stdout + proc.stderr)
   return wd
 
 
-def test_end_to_end_outputs(uninterrupted):
+def test_results_equal_an_independent_computation(uninterrupted):
+  """results.json's last epoch equals sklearn's AUROCs on maps the restored checkpoint computes afresh."""
+  from data_pipelines import run_data
+  from mediclip_jax.evaluate import scoring
   wd = uninterrupted
   results = json.loads((wd / "results.json").read_text())
+  run, mesh = _restore(wd)
+  dataset = run_data.open_dataset(run.config.data, str(wd), run.config.seed)
+  test = run_data.load_test_share(dataset, run.config.data)
+  maps, scores = scoring.score_share(run.trainable.scorer(run.state), test.images, 5, mesh)
   last = results["last_epoch"]
-  for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"):
-    assert 0.0 <= last[key] <= 1.0, (key, last)
-  assert "best_epoch_on_test (reference protocol)" in results
+  assert abs(roc_auc_score(test.labels, scores) - last["image_auroc"]) < 1e-6
+  assert abs(roc_auc_score(test.masks.ravel() > 0, maps.ravel()) - last["pixel_auroc"]) < 1e-6
+  # The untrained row (same config, zero steps) is there, and differs from the trained one.
+  assert results["untrained"]["pixel_auroc"] != last["pixel_auroc"]
+  assert results["steps"] == 12 and run.step == 12
+
+
+def test_outputs_metrics_tensorboard_checkpoints_console(uninterrupted):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  wd = uninterrupted
   lines = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
-  assert any("train/loss" in l for l in lines) and any("eval/image_auroc" in l for l in lines)
-  events = list((wd / "tensorboard").glob("events.out.tfevents.*"))
-  assert events and len(read_records(str(events[0]))) > 3  # CRC-checked records
+  assert [l["step"] for l in lines if "eval/image_auroc" in l] == [0, 6, 12]  # untrained, every 3 epochs
+  assert [l["step"] for l in lines if "train/loss" in l] == [2, 4, 6, 8, 10, 12]
+  acc = EventAccumulator(str(wd / "tensorboard"))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
   assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
   support = json.loads((wd / "support_set.json").read_text())
   assert support["k"] == 16 and support["seed"] == 100
+  console = (wd / "console.txt").read_text()
+  assert "compiled in" in console and "untrained (step 0)" in console and "last epoch" in console
+  assert "orbax" not in console.lower()  # third-party INFO logs are off by default
 
 
-def _wait_for_checkpoint(wd: Path, proc: subprocess.Popen, min_step: int, timeout: float = 600) -> None:
+def _checkpoints(wd: Path) -> list[int]:
+  d = wd / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _wait(cond, proc: subprocess.Popen, timeout: float = 600) -> None:
   t0 = time.time()
   while time.time() - t0 < timeout:
-    # Orbax writes into a temporary folder and renames it to the step number when finished.
-    ckpts = wd / "checkpoints"
-    steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
-    if steps and max(steps) >= min_step:
+    if cond():
       return
     if proc.poll() is not None:
       raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-    time.sleep(0.1)
-  raise AssertionError("no checkpoint appeared in time")
+    time.sleep(0.05)
+  raise AssertionError("timed out")
 
 
-def test_sigterm_and_kill9_then_resume_gives_same_parameters(uninterrupted, tmp_path):
+def test_sigterm_writes_a_checkpoint_at_its_step_then_kill9_then_resume(uninterrupted, tmp_path):
   wd = tmp_path / "b"
-  # 1) SIGTERM: the run writes a checkpoint at the current step and exits.
-  proc = subprocess.Popen(_train_cmd(wd), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for_checkpoint(wd, proc, 2)
+  # 1) SIGTERM with periodic checkpoints off: the only checkpoint can come from the stop path.
+  #    Documented exit code: 130.
+  proc = subprocess.Popen(_train_cmd(wd, "--config.train.checkpoint_every_steps=1000"), env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = wd / "metrics.jsonl"
+  _wait(lambda: metrics.is_file() and "train/loss" in metrics.read_text(), proc)
   proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=600)
-  assert proc.returncode in (0, 130), err[-3000:]
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 130, err[-3000:]
+  step = int(err.split("checkpoint written at step ")[1].split(";")[0])
+  assert 2 <= step < 12 and _checkpoints(wd) == [step]
   # 2) kill -9 mid-run: nothing is flushed; the last finished checkpoint survives.
   proc = subprocess.Popen(_train_cmd(wd), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for_checkpoint(wd, proc, 6)
+  _wait(lambda: any(s >= step + 2 for s in _checkpoints(wd)), proc)
   proc.kill()
   proc.wait(timeout=60)
   # 3) rerun to the end: resumes and must land on the uninterrupted run's parameters.
@@ -110,11 +147,25 @@ def test_predict_writes_overlay_for_a_busi_image(uninterrupted, shared_dir, tmp_
   assert Image.open(rec["overlay"]).size == (3 * 64, 64)
 
 
-def test_missing_data_fails_fast_naming_directory_and_layouts(tmp_path):
+def test_evaluate_reproduces_the_run_and_writes_only_where_told(uninterrupted, tmp_path):
+  before = {p: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()}
+  out = tmp_path / "eval.json"
+  proc = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), "--workdir", str(uninterrupted),
+                         "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(out.read_text())["runs"][str(uninterrupted)]
+  last = json.loads((uninterrupted / "results.json").read_text())["last_epoch"]
+  for k, v in last.items():
+    assert abs(got[k] - v) < 1e-6, k
+  assert {p: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()} == before
+
+
+def test_missing_data_fails_fast_naming_directory_layouts_and_the_way_out(tmp_path):
   cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "chestxray.py"),
          "--workdir", str(tmp_path / "w")]
   t0 = time.time()
   proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
   assert proc.returncode == 1
-  assert "data/chexpert" in proc.stderr and "samples/train.json" in proc.stderr and "train/normal" in proc.stderr
+  for part in ("data/chexpert", "samples/train.json", "train/normal", "--config.data.root=", ":phantom"):
+    assert part in proc.stderr, (part, proc.stderr)
   assert time.time() - t0 < 120

@@ -29,7 +29,7 @@ from mediclip_jax.methods.base import Trainable, quantile_threshold
 from mediclip_jax.models import vae as vae_lib
 from mediclip_jax.models.clip import CLIP_MEAN, CLIP_STD, clip_from_config
 from mediclip_jax.models.mediclip import TRAINABLE, MediCLIP
-from mediclip_jax.synthesis import mix
+from mediclip_jax.synthesis import latent, mix
 from mediclip_jax.weights.tokenizer import tokenizer_for
 
 NAME = "mediclip"
@@ -84,8 +84,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.clip.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.clip.dtype must be float32 or bfloat16, got {config.model.clip.dtype!r}")
   mix.validate_config(config.synthesis)
-  if mix.uses_latent(config.synthesis) and config.data.image_size % 8:
-    raise ValueError(f"latent tasks need config.data.image_size divisible by 8, got {config.data.image_size}")
+  if mix.uses_latent(config.synthesis):
+    if config.data.image_size % 8:
+      raise ValueError(f"latent tasks need config.data.image_size divisible by 8, got {config.data.image_size}")
+    latent.validate_config(config.synthesis.latent, config.data.image_size // 8)
 
 
 # ----------------------------------------------------------------------------------------------

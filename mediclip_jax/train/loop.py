@@ -27,9 +27,9 @@ from mediclip_jax import checkpoints, parallel
 from mediclip_jax.evaluate import scoring
 from mediclip_jax.train import writers
 
-UNTRAINED = "untrained (step 0)"
+UNTRAINED = "untrained (step 0)"  # row labels of the final table
 LAST = "last epoch"
-BEST = "best epoch on test (reference protocol)"
+BEST = "best_epoch_on_test (reference protocol)"
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
