@@ -279,7 +279,15 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
     return {"support_index": sup[sl], "sample_index": idx[sl]}
 
   clip_cfg = config.model.clip
-  info = {"preprocessing": {"image_size": size, "color": config.data.color, "train_color": "grey",
+  arch = model.clip.cfg
+  backbone = (f"backbone: CLIP ViT {arch.vision_width}w x {arch.vision_layers} layers, patch {arch.patch_size}, "
+              f"taps {tuple(config.model.clip.tap_layers)}, {clip_cfg.dtype}; weights: ")
+  notes = [backbone + (clip_cfg.checkpoint or "NONE")]
+  if not clip_cfg.checkpoint:
+    notes.append("WARNING: the CLIP backbone is randomly initialised (no model.clip.checkpoint): the numbers test the "
+                 "pipeline, not the method. Convert pretrained weights with launch/convert_weights.py and pass "
+                 "--config.model.clip.checkpoint=DIR.")
+  info = {"notes": notes, "preprocessing": {"image_size": size, "color": config.data.color, "train_color": "grey",
                             "clip_mean": list(CLIP_MEAN), "clip_std": list(CLIP_STD), "resize": "PIL bilinear"},
           "support": [s.name for s in chosen], "data_root": dataset.root if dataset else None,
           "backbone": {"architecture": model.clip.cfg.to_dict(),

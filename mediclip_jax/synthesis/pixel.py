@@ -1,4 +1,4 @@
-"""Pixel-space anomaly synthesis tasks, as pure jit/vmap-able JAX functions (DESIGN §6, MEDICLIP.md §2).
+"""Pixel-space anomaly synthesis tasks, as pure jit/vmap-able JAX functions.
 
 Each task maps (key, image[, source], cfg) to (image, mask): images are float32
 (H, W) in [0, 1], masks float32 (H, W) in {0, 1}. Shapes come from the inputs and
@@ -42,7 +42,7 @@ PASTE_MODES = ("hard", "poisson")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every pixel-task knob; defaults are the reference's (MEDICLIP.md §2.4–2.6)."""
+  """Every pixel-task knob; defaults are the reference MediCLIP's."""
   c = ml_collections.ConfigDict()
   c.shapes = shapes.default_config()
   c.cutpaste = ml_collections.ConfigDict()
@@ -379,7 +379,7 @@ def warp_region(k_rot: jax.Array, k_scale: jax.Array, k_flip: jax.Array, k_corne
 
   Angle ~ U(±max_rotation), scale 1 + Exp(scale_exp) or its inverse, limited so the
   rotated region fits in max_source_fraction of the source; the region's corner is
-  uniform over positions inside the source (MEDICLIP.md §2.4 steps 2–5).
+  uniform over positions inside the source, as the reference.
   """
   hw = jnp.array(src.shape, jnp.float32)
   theta = jax.random.uniform(k_rot, (), minval=-float(cc.max_rotation), maxval=float(cc.max_rotation))

@@ -1,4 +1,4 @@
-"""Random lesion-shaped regions for pixel-space anomaly synthesis (MEDICLIP.md §2.2–2.3).
+"""Random lesion-shaped regions for pixel-space anomaly synthesis.
 
 Two shape families, as in the reference `medsyn/task_shape.py`:
 
@@ -30,7 +30,7 @@ import ml_collections
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Shape and placement knobs; defaults are the reference's (MEDICLIP.md §2.2–2.3)."""
+  """Shape and placement knobs; defaults are the reference MediCLIP's."""
   c = ml_collections.ConfigDict()
   c.max_anomalies = 2  # 1 anomaly, then another with probability extra_anomaly_prob, up to this many
   c.extra_anomaly_prob = 0.5

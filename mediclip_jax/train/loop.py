@@ -30,6 +30,12 @@ from mediclip_jax.train import writers
 UNTRAINED = "untrained (step 0)"  # row labels of the final table
 LAST = "last epoch"
 BEST = "best_epoch_on_test (reference protocol)"
+# Printed on the console (results.json and metrics.jsonl hold every metric, thresholds included).
+SHOWN = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+
+
+def shown(metrics: dict) -> dict:
+  return {k: metrics[k] for k in SHOWN if k in metrics}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -128,10 +134,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, method: 
   trainable = method.build(config, dataset, workdir, mesh, train=True)
   spe = trainable.steps_per_epoch
   total = config.train.epochs * spe
-  parallel.log_main("method=%s platform=%s (%s), %d devices, %d processes; test=%d (%d per process); "
-                    "%d steps of %d per epoch", config.method, jax.default_backend(),
-                    jax.local_devices()[0].device_kind, mesh.devices.size, jax.process_count(),
-                    len(test.labels), len(test.valid), total, spe)
   # Metrics need every mask: gather the shares once (every process then holds all of them).
   all_masks = None if test.masks is None else parallel.gather_rows(test.masks.astype(np.uint8), test.valid)
   select_key = "mean_image_pixel_auroc" if test.masks is not None else "image_auroc"
@@ -140,14 +142,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, method: 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep)
   start = ckpt.latest_step() or 0
   untrained, best = None, {"score": None}
+  progress = writers.Progress(total, start, enabled=main)
+  say = progress.write if main else (lambda line: None)
+  say(f"method={config.method} platform={jax.default_backend()} ({jax.local_devices()[0].device_kind}), "
+      f"{mesh.devices.size} devices, {jax.process_count()} processes; test={len(test.labels)} "
+      f"({len(test.valid)} per process); {total} steps of {spe} per epoch")
+  for line in trainable.info.get("notes", ()):
+    say(line)
   if start:
     state, meta = ckpt.restore(start, state, mesh)
     untrained, best = meta.get("untrained"), meta.get("best", best)
-    parallel.log_main("resumed from step %d", start)
+    say(f"resumed from step {start}")
 
   metrics_log = writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if main else None
   tb = writers.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if main else None
-  progress = writers.Progress(total, start, enabled=main)
 
   def evaluate(step: int) -> dict:
     return scoring.evaluate_share(trainable.scorer(state), test, all_masks, config.eval, mesh)
@@ -156,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, method: 
     if main:
       metrics_log.write({"step": step, "epoch": step // spe, **{f"eval/{k}": v for k, v in res.items()}})
       tb.scalars(step, {f"eval/{k}": v for k, v in res.items()})
-      progress.write(writers.eval_line(step, step // spe, res))
+      progress.write(writers.eval_line(step, step // spe, shown(res)))
 
   def save(step: int) -> None:
     threshold = scoring.calibrate(trainable.scorer(state), trainable.calibration_images, config.eval.batch_size,
@@ -225,9 +233,9 @@ def summary_rows(results: dict) -> dict[str, dict]:
   """The rows of a run's final table: untrained, last epoch, best epoch on test."""
   rows = {}
   if results.get("untrained"):
-    rows[UNTRAINED] = results["untrained"]
-  rows[LAST] = results["last_epoch"]
+    rows[UNTRAINED] = shown(results["untrained"])
+  rows[LAST] = shown(results["last_epoch"])
   best = results.get(BEST) or {}
   if best.get("metrics"):
-    rows[f"best on test (epoch {best['epoch']})"] = best["metrics"]
+    rows[f"best on test (epoch {best['epoch']})"] = shown(best["metrics"])
   return rows

@@ -1,4 +1,4 @@
-"""PyTorch VAE checkpoints -> our Flax NNX VAEs (LATENT.md §3.1, §3.3, §3.4).
+"""PyTorch VAE checkpoints (diffusers, CompVis/LDM, TAEF2 layouts) -> our Flax NNX VAEs.
 
 Every parameter of our modules has a path whose dotted form is its PyTorch key once the
 leaf is renamed (`kernel`/`scale` -> `weight`), because the modules mirror the PyTorch
@@ -102,7 +102,7 @@ _LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "t
 def merge_lora(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Folds MedVAE LoRA wrappers (`p.conv.*`, `p.lora_down.weight`, `p.lora_up.weight`) into plain `p.weight/bias`.
 
-  W = W_conv + Σ_r up[o, r] · down[r, i, kh, kw] (scale 1; LATENT.md §2.3).
+  W = W_conv + Σ_r up[o, r] · down[r, i, kh, kw] (scale 1).
   """
   out = dict(sd)
   for k in [k for k in sd if k.endswith(".lora_down.weight")]:
@@ -123,7 +123,7 @@ def merge_lora(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def ldm_to_diffusers(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Renames CompVis/LDM AutoencoderKL keys to diffusers keys (LATENT.md §3.3); decoder levels are reversed."""
+  """Renames CompVis/LDM AutoencoderKL keys to diffusers keys; decoder levels are reversed."""
   ups = {int(m.group(1)) for k in sd for m in [re.match(r"decoder\.up\.(\d+)\.", k)] if m}
   n_up = max(ups) + 1 if ups else 0
   out = {}
