@@ -27,7 +27,13 @@ import json
 import os
 import sys
 
+import numpy as np
 from absl import app, flags
+
+from mediclip_jax.models import vae as vae_lib
+from mediclip_jax.models.clip import load_clip, save_clip
+from mediclip_jax.weights import io, vae_convert
+from mediclip_jax.weights.params import flat_params
 
 _SRC = flags.DEFINE_string("src", None, "Checkpoint file or directory to convert.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (must not hold another checkpoint unless --overwrite).")
@@ -49,8 +55,6 @@ def _n_params(tensors) -> float:
 
 def convert_clip(src: str, out: str, act: str | None = None) -> str:
   """Writes `src` as our CLIP checkpoint in `out`; returns a one-line summary."""
-  from mediclip_jax.models.clip import load_clip, save_clip  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.weights.params import flat_params  # pylint: disable=import-outside-toplevel
   model = load_clip(src, act=act)
   save_clip(model, out)
   return f"wrote {out}: {model.cfg} ({_n_params(flat_params(model)):.1f} M parameters)"
@@ -58,9 +62,6 @@ def convert_clip(src: str, out: str, act: str | None = None) -> str:
 
 def convert_vae(src: str, out: str, layout: str = "auto") -> str:
   """Writes the AutoencoderKL checkpoint `src` as a diffusers safetensors directory `out`; returns a summary."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.models import vae as vae_lib  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.weights import io, vae_convert  # pylint: disable=import-outside-toplevel
   if os.path.isdir(src) and any(os.path.isfile(os.path.join(src, n)) for n in vae_convert.TAEF2_FILES):
     raise io.CheckpointError(f"{src}: TAEF2 weights load only from {' and '.join(vae_convert.TAEF2_FILES)}; "
                              "point vae.path at this directory instead of converting it")
@@ -82,7 +83,6 @@ def convert_vae(src: str, out: str, layout: str = "auto") -> str:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from mediclip_jax.weights.io import CheckpointError  # pylint: disable=import-outside-toplevel
   src, out, kind = _SRC.value, _OUT.value, _KIND.value
   weights = CLIP_WEIGHTS if kind == "clip" else VAE_WEIGHTS
   if os.path.exists(os.path.join(out, weights)) and not _OVERWRITE.value:
@@ -90,7 +90,7 @@ def main(argv) -> int:
     return 2
   try:
     summary = convert_clip(src, out, _ACT.value) if kind == "clip" else convert_vae(src, out, _VAE_LAYOUT.value)
-  except (CheckpointError, FileNotFoundError, ValueError) as e:
+  except (io.CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(summary)

@@ -12,6 +12,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
@@ -96,11 +97,6 @@ def local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(s.data) for s in shards])
 
 
-def local_copy(tree):
-  """Host copy of this process's replica of a replicated pytree (to compare processes)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
 def gather_rows(local: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
   """Concatenates every process's `local` rows in process order, keeping rows where `valid`.
 
@@ -109,7 +105,6 @@ def gather_rows(local: np.ndarray, valid: np.ndarray | None = None) -> np.ndarra
   """
   local = np.asarray(local)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     local = np.asarray(multihost_utils.process_allgather(local, tiled=False)).reshape((-1,) + local.shape[1:])
     if valid is not None:
       valid = np.asarray(multihost_utils.process_allgather(np.asarray(valid), tiled=False)).reshape(-1)
@@ -120,7 +115,6 @@ def any_process(flag: bool) -> bool:
   """True on every process if `flag` is true on any (e.g. a SIGTERM that reached only some)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 
 
@@ -143,5 +137,4 @@ def quiet_other_processes() -> None:
 def sync(name: str) -> None:
   """A barrier across processes (no-op in a single process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)

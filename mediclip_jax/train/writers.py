@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
+from absl import logging as absl_logging
 from tqdm import tqdm
 
 # Loggers of the libraries whose INFO lines drown a run's console. Orbax logs all of its ~40 INFO
@@ -189,7 +190,6 @@ def configure_logging(verbosity: int = 0) -> None:
   (absl, through which orbax logs ~40 INFO lines per checkpoint, jax, tensorstore) at WARNING,
   or at INFO with `verbosity >= 1`. Adds a stderr handler if nothing handles the root yet.
   """
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   level = logging.INFO if verbosity >= 1 else logging.WARNING
   # absl's verbosity first: with absl's handler installed it also resets the root level, set below.
   absl_logging.set_verbosity(absl_logging.INFO if verbosity >= 1 else absl_logging.WARNING)

@@ -19,10 +19,6 @@ def flat_params(module: nnx.Module) -> dict[str, np.ndarray]:
   return {_name(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
-def param_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
-  return {_name(path): tuple(var[...].shape) for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-
-
 def assign_flat_params(module: nnx.Module, tensors: Mapping[str, np.ndarray], source: str,
                        allow_extra: tuple[str, ...] = ()) -> None:
   """Loads `tensors` (our dotted names) into `module` in place, after checking names and shapes.
