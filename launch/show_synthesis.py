@@ -1,37 +1,96 @@
 """PNG grids of what the model is trained on: the pixel tasks and the latent (VAE) tasks on real support images.
 
   python launch/show_synthesis.py --data ../shared/data/brainmri
-  python launch/show_synthesis.py --data ../shared/data/busi --tasks pixel --paste-mode poisson --foreground-only
+  python launch/show_synthesis.py --data ../shared/data/busi --tasks pixel --paste_mode poisson --foreground_only
   python launch/show_synthesis.py --data ../shared/data/busi --tasks latent --vae ../shared/weights/taef2 --num 8
 
-Reads the first normal training images of a dataset (data_pipelines: any layout it
-accepts). Pixel grid (out/synthesis/<dataset>_pixel.png): one row per (task of mix.TASKS,
-image), columns original | synthesised | mask in red over the synthesised image. Latent grid
-(out/synthesis/<dataset>_latent.png): one row per sample, alternating latent deviation and
-latent shuffle, columns original | VAE round trip | latent anomaly | two-stage mask (inside
-the corrupted latent region, where the decoded anomaly differs from the decoded clean latent).
+Reads the first normal training images of a dataset (any layout data_pipelines accepts) and
+runs the training synthesis itself (`mix.build_synthesis`, jitted, with the run's "synthesis"
+key stream for --seed at step 0), one task at a time (the task table set to that task alone).
+
+Pixel grid: one row per (pixel task, image), columns original | synthesised | mask in red over
+the synthesised image. Latent grid: one row per sample, alternating latent deviation and latent
+shuffle, columns original | VAE round trip (with its PSNR/SSIM) | latent anomaly | two-stage mask
+(inside the corrupted latent region, where the decoded anomaly differs from the decoded clean
+latent).
+
+Files go to --out_dir as <dataset>_pixel_<paste mode>[_fg][_<option><value>...].png and
+<dataset>_latent_<vae kind>[_<option><value>...].png: every option that changes the picture and
+differs from its default is in the name, so runs with different options never overwrite each
+other (the same options give the same picture).
 """
 from __future__ import annotations
 
-import argparse
-import functools
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import app, flags
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
+from data_pipelines import normal_images
+from mediclip_jax import rngs
+from mediclip_jax.evaluate import image_quality
+from mediclip_jax.models import vae as vae_lib
+from mediclip_jax.synthesis import latent as latent_lib
+from mediclip_jax.synthesis import mix
 
-from launch.check_vae import load_support_images  # pylint: disable=wrong-import-position
-from mediclip_jax.synthesis import mix  # pylint: disable=wrong-import-position
+REPO = Path(__file__).resolve().parents[1]
+
+_DATA = flags.DEFINE_string("data", None, "Dataset root, e.g. ../shared/data/brainmri.")
+_TASKS = flags.DEFINE_enum("tasks", "all", ["pixel", "latent", "all"], "Which grids to write.")
+_OUT_DIR = flags.DEFINE_string("out_dir", str(REPO / "out" / "synthesis"), "Where the PNGs go.")
+_SUPPORT = flags.DEFINE_integer("support", 16, "Support images (cut-paste sources / latent patch pool).")
+_SEED = flags.DEFINE_integer("seed", 0, "Run seed whose synthesis key stream draws the anomalies.")
+# Pixel tasks.
+_IMAGES = flags.DEFINE_integer("images", 3, "Images per pixel task.")
+_SIZE = flags.DEFINE_integer("size", 224, "Pixel-task image side.")
+_PASTE_MODE = flags.DEFINE_enum("paste_mode", "hard", ["hard", "poisson"], "Cut-paste blending.")
+_FOREGROUND_ONLY = flags.DEFINE_bool("foreground_only", False, "Keep anomalies inside the body region.")
+# Latent tasks.
+_VAE = flags.DEFINE_string("vae", str(REPO.parent / "shared" / "weights" / "taef2"), "VAE weights folder or file.")
+_VAE_KIND = flags.DEFINE_enum("vae_kind", vae_lib.KIND_TAEF2, [vae_lib.KIND_TAEF2, vae_lib.KIND_KL],
+                              "mediclip_jax.models.vae kind.")
+_LATENT_IMAGE_SIZE = flags.DEFINE_integer("latent_image_size", 256, "Image side fed to the VAE.")
+_NUM = flags.DEFINE_integer("num", 8, "Rows (samples) in the latent grid.")
+_PATCH_SIZES = flags.DEFINE_list("patch_sizes", [], "Latent patch sizes (default: the config's if they "
+                                 "divide the latent size, else its divisors).")
+_SEVERITY = flags.DEFINE_list("severity", [], "lo,hi range of the severity λ (default: the config's).")
+_STANDARDISE = flags.DEFINE_bool("standardise", True, "Standardise latents per channel with support statistics.")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "Two-stage mask threshold (default: the config's).")
+
+flags.mark_flag_as_required("data")
 
 PIXEL_COLUMNS = ("original", "synthesised", "mask")
 LATENT_COLUMNS = ("original", "VAE round trip", "latent anomaly", "two-stage mask")
+# Options in the file names (when not at their default): flag name -> short name.
+PIXEL_NAME_FLAGS = {"size": "size", "images": "n", "support": "support", "seed": "seed"}
+LATENT_NAME_FLAGS = {"vae": "vae", "latent_image_size": "size", "num": "n", "support": "support",
+                     "patch_sizes": "patch", "severity": "sev", "standardise": "std", "threshold": "thr",
+                     "seed": "seed"}
+
+
+def _token(value) -> str:
+  if isinstance(value, bool):
+    return "1" if value else "0"
+  if isinstance(value, (list, tuple)):
+    return "-".join(str(v) for v in value)
+  if isinstance(value, str) and ("/" in value or "\\" in value):
+    return Path(value.rstrip("/")).name
+  return str(value)
+
+
+def output_name(dataset: str, kind: str, fixed: list[str], named: dict[str, str]) -> str:
+  """<dataset>_<kind>_<fixed...>_<short><value>... for every flag of `named` that is not at its default."""
+  parts = [dataset, kind, *fixed]
+  for flag, short in named.items():
+    f = flags.FLAGS[flag]
+    if f.value != f.default:
+      parts.append(short + _token(f.value))
+  return "_".join(parts) + ".png"
 
 
 def _rgb(gray01: np.ndarray) -> np.ndarray:
@@ -44,9 +103,9 @@ def _overlay(gray01: np.ndarray, mask: np.ndarray) -> np.ndarray:
   return (rgb * 255).round().astype(np.uint8)
 
 
-def _grid(rows: list[list[np.ndarray]], labels: list[str], titles: tuple[str, ...], label_col: int,
+def _grid(rows: list[list[np.ndarray]], labels: list[dict[int, str]], titles: tuple[str, ...],
           pad: int = 4) -> np.ndarray:
-  """Stacks RGB uint8 tiles into a grid with a title bar; each row's label is written on column `label_col`."""
+  """Stacks RGB uint8 tiles into a grid with a title bar; labels[r] maps a column to the text written on it."""
   h, w = rows[0][0].shape[:2]
   title_h = 16
   out = np.full((title_h + len(rows) * (h + pad), len(titles) * (w + pad), 3), 255, np.uint8)
@@ -58,8 +117,9 @@ def _grid(rows: list[list[np.ndarray]], labels: list[str], titles: tuple[str, ..
   d = ImageDraw.Draw(im)
   for c, t in enumerate(titles):
     d.text((c * (w + pad) + 4, 2), t, fill=(0, 0, 0))
-  for r, t in enumerate(labels):
-    d.text((label_col * (w + pad) + 4, title_h + r * (h + pad) + 4), t, fill=(255, 255, 0))
+  for r, row_labels in enumerate(labels):
+    for c, t in row_labels.items():
+      d.text((c * (w + pad) + 4, title_h + r * (h + pad) + 4), t, fill=(255, 255, 0))
   return np.asarray(im)
 
 
@@ -68,119 +128,124 @@ def _save(grid: np.ndarray, dest: Path) -> None:
   Image.fromarray(grid).save(dest)
 
 
-def pixel_grid(args: argparse.Namespace, dest: Path) -> None:
-  """Runs every pixel task of mix.TASKS on the first images and writes the grid."""
-  support, _ = load_support_images(args.data, args.size, args.support)
+def _one_task(cfg: ml_collections.ConfigDict, task: str) -> ml_collections.ConfigDict:
+  """A copy of `cfg` whose task table draws `task` for every sample."""
+  cfg = cfg.copy_and_resolve_references()
+  for t in mix.TASKS:
+    cfg.probs[t] = 1.0 if t == task else 0.0
+  return cfg
+
+
+def _run(cfg: ml_collections.ConfigDict, codec: mix.Codec | None, images: np.ndarray, index: np.ndarray,
+         support: np.ndarray, pools: dict | None) -> tuple[dict, dict]:
+  """The entry point for `cfg`, jitted, on `images` with global sample indices `index` at step 0.
+
+  Returns (outputs as numpy, pools); pools depend only on the codec and the support set, so a
+  later call with the same ones passes them back in instead of encoding the support set again.
+  """
+  synthesize, make_pools = mix.build_synthesis(cfg, codec)
+  pools = make_pools(support) if pools is None else pools
+  out = jax.jit(synthesize)(rngs.stream(_SEED.value, rngs.SYNTHESIS), 0, jnp.asarray(images),
+                            jnp.asarray(index, jnp.int32), pools)
+  return jax.device_get(out), pools
+
+
+def pixel_grid(dataset: str, out_dir: Path) -> None:
+  """Runs each pixel task of mix.PIXEL_TASKS through the entry point on the first images and writes the grid."""
+  support, _ = normal_images.load_normal_images(_DATA.value, _SIZE.value, _SUPPORT.value)
   cfg = mix.default_config()
-  cfg.pixel.cutpaste.paste_mode = args.paste_mode
-  cfg.pixel.shapes.foreground_only = args.foreground_only
+  cfg.pixel.cutpaste.paste_mode = _PASTE_MODE.value
+  cfg.pixel.shapes.foreground_only = _FOREGROUND_ONLY.value
   mix.validate_config(cfg)
-  n = min(args.images, len(support))
-  key = jax.random.key(args.seed)
-  rows, labels = [], []
-  for t, name in enumerate(mix.TASKS):
-    fn = jax.jit(jax.vmap(functools.partial(mix.apply_task, t, support=jnp.asarray(support), cfg=cfg)))
-    keys = jax.vmap(lambda i, t=t: jax.random.fold_in(jax.random.fold_in(key, t), i))(jnp.arange(n))
-    img, mask = jax.device_get(fn(keys, jnp.asarray(support[:n])))
-    for i in range(n):
-      rows.append([_rgb(support[i]), _rgb(img[i]), _overlay(img[i], mask[i])])
-      labels.append(f"{name}  mask {100 * mask[i].mean():.1f}%")
-    print(f"{name:16s} mask fraction {float(mask.mean()):.3f}")
-  _save(_grid(rows, labels, PIXEL_COLUMNS, label_col=1), dest)
-  print(f"wrote {dest} ({len(mix.TASKS)} tasks × {n} images; columns: {' | '.join(PIXEL_COLUMNS)})")
+  images = support[:_IMAGES.value]
+  rows, labels, pools = [], [], None
+  for name in mix.PIXEL_TASKS:
+    out, pools = _run(_one_task(cfg, name), None, images, np.arange(len(images)), support, pools)
+    assert np.all(out["task"] == mix.TASKS.index(name)), out["task"]
+    for i in range(len(images)):
+      rows.append([_rgb(images[i]), _rgb(out["image"][i]), _overlay(out["image"][i], out["mask"][i])])
+      labels.append({1: f"{name}  mask {100 * out['mask'][i].mean():.1f}%"})
+    print(f"{name:16s} mask fraction {float(out['mask'].mean()):.3f}")
+  fixed = [_PASTE_MODE.value] + (["fg"] if _FOREGROUND_ONLY.value else [])
+  dest = out_dir / output_name(dataset, "pixel", fixed, PIXEL_NAME_FLAGS)
+  _save(_grid(rows, labels, PIXEL_COLUMNS), dest)
+  print(f"wrote {dest} ({len(mix.PIXEL_TASKS)} tasks × {len(images)} images; columns: {' | '.join(PIXEL_COLUMNS)})")
 
 
-def latent_grid(args: argparse.Namespace, dest: Path) -> None:
-  """Encodes the support set with the VAE, runs latent deviation / shuffle and writes the grid."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.models import vae as V  # pylint: disable=import-outside-toplevel
-  from mediclip_jax.synthesis import latent as LT  # pylint: disable=import-outside-toplevel
-  vcfg = V.default_config()
-  vcfg.kind, vcfg.path = args.vae_kind, args.vae
-  vae = V.load_vae(vcfg)
-  if args.latent_image_size % vae.downscale:
-    raise ValueError(f"--latent-image-size {args.latent_image_size}: must be a multiple of the VAE's "
-                     f"downscale factor {vae.downscale}")
-  latent_size = args.latent_image_size // vae.downscale
-  cfg = LT.default_config()
-  if args.patch_sizes:
-    cfg.patch_sizes = tuple(int(p) for p in args.patch_sizes.split(","))
-    cfg.patch_probs = (1.0,) * len(cfg.patch_sizes)
-  elif any(latent_size % p for p in cfg.patch_sizes):
-    cfg.patch_sizes = LT.patch_size_choices(latent_size)
-    cfg.patch_probs = (1.0,) * len(cfg.patch_sizes)
-  if args.severity:
-    cfg.severity = tuple(float(v) for v in args.severity.split(","))
-  if args.threshold is not None:
-    cfg.two_stage_threshold = args.threshold
-  cfg.standardise = not args.no_standardise
-  LT.validate_config(cfg, latent_size)
+def _latent_config(downscale: int) -> ml_collections.ConfigDict:
+  """The synthesis config of the latent flags, validated at the VAE's latent size."""
+  if _LATENT_IMAGE_SIZE.value % downscale:
+    raise ValueError(f"--latent_image_size {_LATENT_IMAGE_SIZE.value}: must be a multiple of the VAE's "
+                     f"downscale factor {downscale}")
+  latent_size = _LATENT_IMAGE_SIZE.value // downscale
+  cfg = mix.default_config()
+  lc = cfg.latent
+  if _PATCH_SIZES.value:
+    lc.patch_sizes = tuple(int(p) for p in _PATCH_SIZES.value)
+    lc.patch_probs = (1.0,) * len(lc.patch_sizes)
+  elif any(latent_size % p for p in lc.patch_sizes):
+    lc.patch_sizes = latent_lib.patch_size_choices(latent_size)
+    lc.patch_probs = (1.0,) * len(lc.patch_sizes)
+  if _SEVERITY.value:
+    lc.severity = tuple(float(v) for v in _SEVERITY.value)
+  if _THRESHOLD.value is not None:
+    lc.two_stage_threshold = _THRESHOLD.value
+  lc.standardise = _STANDARDISE.value
+  latent_lib.validate_config(lc, latent_size)
+  return cfg
 
-  support, _ = load_support_images(args.data, args.latent_image_size, max(args.support, args.num))
-  images = support[:args.num]
-  graphdef, state = nnx.split(vae)
 
-  @jax.jit
-  def encode(state, x):
-    return V.encode_gray(nnx.merge(graphdef, state), x)
-
-  @jax.jit
-  def synth(state, keys, x, pool, tasks):
-    m = nnx.merge(graphdef, state)
-    return LT.latent_synthesize(keys, x, pool, (functools.partial(V.encode_gray, m),
-                                                functools.partial(V.decode_gray, m)), cfg, tasks=tasks)
-
-  pool = encode(state, jnp.asarray(support[:args.support]))
-  keys = jax.random.split(jax.random.key(args.seed), len(images))
-  tasks = jnp.asarray([LT.TASK_DEVIATION if i % 2 == 0 else LT.TASK_SHUFFLE for i in range(len(images))])
-  out = jax.device_get(synth(state, keys, jnp.asarray(images), pool, tasks))
-  rows, labels = [], []
+def latent_grid(dataset: str, out_dir: Path) -> None:
+  """Encodes the support set with the VAE, runs latent deviation / shuffle through the entry point, writes the grid."""
+  vcfg = vae_lib.default_config()
+  vcfg.kind, vcfg.path = _VAE_KIND.value, _VAE.value
+  vae = vae_lib.load_vae(vcfg)
+  cfg = _latent_config(vae.downscale)
+  codec = vae_lib.codec(vae)
+  support, _ = normal_images.load_normal_images(_DATA.value, _LATENT_IMAGE_SIZE.value,
+                                                max(_SUPPORT.value, _NUM.value))
+  images = support[:_NUM.value]
+  support = support[:_SUPPORT.value]
+  recon = jax.jit(lambda s, x: codec.decode(s, codec.encode(s, x)))(codec.state, jnp.asarray(images))
+  rt_psnr, rt_ssim = jax.device_get((image_quality.psnr(recon, images), image_quality.ssim(recon, images)))
+  recon = np.asarray(recon)
+  # Even rows: latent deviation, odd rows: latent shuffle; each sample keeps its row as sample index.
+  image, mask, pools = np.zeros_like(images), np.zeros_like(images), None
+  for parity, name in enumerate(mix.LATENT_TASKS):
+    rows = np.arange(parity, len(images), 2)
+    if not len(rows):
+      continue
+    out, pools = _run(_one_task(cfg, name), codec, images[rows], rows, support, pools)
+    assert np.all(out["task"] == mix.TASKS.index(name)), out["task"]
+    image[rows], mask[rows] = out["image"], out["mask"]
+  grid_rows, labels = [], []
   for i in range(len(images)):
-    rows.append([_rgb(images[i]), _rgb(out["recon"][i]), _rgb(out["image"][i]), _overlay(out["image"][i], out["mask"][i])])
-    labels.append(f"{'deviation' if int(out['task'][i]) == LT.TASK_DEVIATION else 'shuffle'}  "
-                  f"mask {100 * out['mask'][i].mean():.1f}%")
-  _save(_grid(rows, labels, LATENT_COLUMNS, label_col=2), dest)
-  print(f"wrote {dest} ({len(images)} samples, patch sizes {tuple(cfg.patch_sizes)}, "
-        f"standardise={cfg.standardise}, mean mask coverage {100 * out['mask'].mean():.1f}%)")
+    grid_rows.append([_rgb(images[i]), _rgb(recon[i]), _rgb(image[i]), _overlay(image[i], mask[i])])
+    labels.append({1: f"PSNR {rt_psnr[i]:.1f} SSIM {rt_ssim[i]:.3f}",
+                   2: f"{'deviation' if i % 2 == 0 else 'shuffle'}  mask {100 * mask[i].mean():.1f}%"})
+  dest = out_dir / output_name(dataset, "latent", [_VAE_KIND.value], LATENT_NAME_FLAGS)
+  _save(_grid(grid_rows, labels, LATENT_COLUMNS), dest)
+  lc = cfg.latent
+  print(f"wrote {dest} ({len(images)} samples, patch sizes {tuple(lc.patch_sizes)}, standardise={lc.standardise}, "
+        f"round trip PSNR {rt_psnr.mean():.2f} dB SSIM {rt_ssim.mean():.4f}, "
+        f"mean mask coverage {100 * mask.mean():.1f}%)")
 
 
-def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--data", required=True, help="dataset root, e.g. ../shared/data/brainmri")
-  ap.add_argument("--tasks", default="all", choices=("pixel", "latent", "all"))
-  ap.add_argument("--out-dir", default=str(REPO / "out" / "synthesis"),
-                  help="writes <dataset>_pixel.png and <dataset>_latent.png here")
-  ap.add_argument("--support", type=int, default=16, help="support images (cut-paste sources / latent patch pool)")
-  ap.add_argument("--seed", type=int, default=0)
-  g = ap.add_argument_group("pixel tasks")
-  g.add_argument("--images", type=int, default=3, help="images per pixel task")
-  g.add_argument("--size", type=int, default=224, help="pixel-task image side")
-  g.add_argument("--paste-mode", default="hard", choices=["hard", "poisson"])
-  g.add_argument("--foreground-only", action="store_true", help="keep anomalies inside the body region")
-  g = ap.add_argument_group("latent tasks")
-  g.add_argument("--vae", default=str(REPO.parent / "shared" / "weights" / "taef2"), help="VAE weights folder")
-  g.add_argument("--vae-kind", default="taef2", choices=("taef2", "autoencoder_kl"), help="mediclip_jax.models.vae kind")
-  g.add_argument("--latent-image-size", type=int, default=256, help="image side fed to the VAE")
-  g.add_argument("--num", type=int, default=8, help="rows (samples) in the latent grid")
-  g.add_argument("--patch-sizes", default="", help="comma-separated latent patch sizes (default: the "
-                 "config's if they divide the latent size, else its divisors)")
-  g.add_argument("--severity", default="", help="lo,hi range of λ (default: the config's)")
-  g.add_argument("--no-standardise", action="store_true")
-  g.add_argument("--threshold", type=float, default=None, help="two-stage mask threshold (default: the config's)")
-  args = ap.parse_args(argv)
-
-  name = Path(args.data.rstrip("/")).resolve().name
-  out_dir = Path(args.out_dir)
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  dataset = Path(_DATA.value.rstrip("/")).resolve().name
+  out_dir = Path(_OUT_DIR.value)
   try:
-    if args.tasks in ("pixel", "all"):
-      pixel_grid(args, out_dir / f"{name}_pixel.png")
-    if args.tasks in ("latent", "all"):
-      latent_grid(args, out_dir / f"{name}_latent.png")
-  except (ValueError, FileNotFoundError) as e:
+    if _TASKS.value in ("pixel", "all"):
+      pixel_grid(dataset, out_dir)
+    if _TASKS.value in ("latent", "all"):
+      latent_grid(dataset, out_dir)
+  except (ValueError, FileNotFoundError) as e:  # ValueError includes DatasetError and CheckpointError
     print(e, file=sys.stderr)
     return 2
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -1,4 +1,4 @@
-"""Dataset readers, preprocessing, support sets, sharding, padded batches, phantoms."""
+"""Dataset readers, preprocessing (grey and RGB test images), support sets, per-process batch shares, phantoms."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mediclip_jax.models.clip import CLIP_MEAN, CLIP_STD, clip_normalize
-from data_pipelines import batches, datasets, phantom, preprocess, support
+from data_pipelines import batches, datasets, normal_images, phantom, preprocess, support
 from data_pipelines.datasets import DatasetError
 
 
@@ -47,18 +47,31 @@ def test_busi_masks_and_preprocessing(shared_dir):
   np.testing.assert_array_equal(tr, ref)
 
 
-def test_eval_batches_on_real_data(shared_dir):
-  d = datasets.load_dataset(shared_dir / "data" / "busi")
-  samples = d.test[95:105]  # last normals and first abnormals
-  out = list(batches.eval_batches(samples, batch_size=4, size=64))
-  assert len(out) == 3
-  assert all(b["image"].shape == (4, 64, 64) and b["mask"].shape == (4, 64, 64) for b in out)
-  assert out[-1]["valid"].tolist() == [True, True, False, False]
-  assert np.all(out[-1]["image"][2:] == 0)
-  labels = np.concatenate([b["label"][b["valid"]] for b in out])
-  assert labels.tolist() == [s.label for s in samples]
-  masks = np.concatenate([b["mask"][b["valid"]] for b in out])
-  assert all((m.sum() > 0) == (s.label == 1) for m, s in zip(masks, samples))
+def test_test_image_rgb_and_grey(shared_dir):
+  """color="rgb" keeps the three channels (here a BrainMRI test image whose channels differ), "grey" gives
+  one channel; both as PIL reads them (RGB, bilinear resize, then L for grey)."""
+  d = datasets.load_dataset(shared_dir / "data" / "brainmri")
+  path = next(s.path for s in d.test if s.name == "test/abnormal/image_204.jpg")
+  rgb = preprocess.load_test_image(path, 224, color="rgb")
+  ref = Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR)
+  assert rgb.shape == (224, 224, 3) and rgb.dtype == np.float32
+  np.testing.assert_array_equal(rgb, np.asarray(ref, np.float32) / 255)
+  assert np.abs(rgb[..., 0] - rgb[..., 1]).max() > 0.1 or np.abs(rgb[..., 1] - rgb[..., 2]).max() > 0.1
+  grey = preprocess.load_test_image(path, 224, color="grey")
+  assert grey.shape == (224, 224) and grey.dtype == np.float32
+  np.testing.assert_array_equal(grey, np.asarray(ref.convert("L"), np.float32) / 255)
+  with pytest.raises(ValueError, match="data.color"):
+    preprocess.load_test_image(path, 224, color="gray")
+
+
+def test_normal_images(shared_dir):
+  root = shared_dir / "data" / "busi"
+  images, names = normal_images.load_normal_images(root, 64, 3)
+  d = datasets.load_dataset(root)
+  assert images.shape == (3, 64, 64) and images.dtype == np.float32
+  assert names == [s.name for s in d.train[:3]]
+  np.testing.assert_array_equal(images[1], preprocess.load_train_image(d.train[1].path, 64))
+  assert len(normal_images.load_normal_images(root, 32)[0]) == 32
 
 
 # ----------------------------------------------------------------------------- plain folders
@@ -177,14 +190,6 @@ def test_clip_normalize_numpy_and_jit():
   np.testing.assert_allclose(y[0], x, rtol=1e-6)
 
 
-def test_foreground_mask_on_phantom():
-  img, _ = phantom.phantom(128, seed=1)
-  fg = preprocess.foreground_mask(img)
-  assert fg.shape == (128, 128) and fg.dtype == bool
-  assert not fg[0, 0] and not fg[-1, -1] and fg[64, 64]  # corners are background, centre is body
-  assert 0.3 < fg.mean() < 0.9
-
-
 # ----------------------------------------------------------------------------- support sets
 
 
@@ -201,11 +206,7 @@ def test_support_set_round_trip(shared_dir, tmp_path):
   rec = json.loads(f.read_text())
   assert rec["seed"] == 100 and rec["k"] == 16 and rec["files"] == [s.name for s in a]
   assert support.read_support(f, d) == a
-  run = tmp_path / "run"
-  run.mkdir()
-  got = support.support_set(d, run, support_file=f)
-  assert got == a and (run / support.SUPPORT_FILE).is_file()
-  assert support.support_set(d, run, k=4, seed=1) == a  # a resumed run keeps its support set
+  assert support.read_support(tmp_path, d) == a  # a directory: its support_set.json
   rec["files"][3] = "train/normal/not_there.jpg"
   f.write_text(json.dumps(rec))
   with pytest.raises(DatasetError, match=r"support_set\.json: files\[3\] 'train/normal/not_there\.jpg' is not a training image"):
@@ -215,7 +216,7 @@ def test_support_set_round_trip(shared_dir, tmp_path):
     support.read_support(f, d)
 
 
-# ----------------------------------------------------------------------------- sharding and batches
+# ----------------------------------------------------------------------------- per-process shares
 
 
 def test_process_slices():
@@ -229,23 +230,10 @@ def test_process_slices():
   parts = [batches.process_eval_indices(10, p, 3) for p in range(3)]
   assert [i.tolist() for i, _ in parts] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 9, 9]]
   assert parts[2][1].tolist() == [True, True, False, False]
-  batch = {"x": np.arange(8), "y": np.arange(16).reshape(8, 2)}
-  part = batches.shard_for_process(batch, 1, 2)
-  assert part["x"].tolist() == [4, 5, 6, 7] and part["y"].shape == (4, 2)
-
-
-def test_padded_batches_and_process_split():
-  out = list(batches.padded_batches(10, 4))
-  assert [i.tolist() for i, _ in out] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 9, 9]]
-  assert out[-1][1].tolist() == [True, True, False, False]
-  arrays = {"a": np.arange(10, dtype=np.float32) + 1, "b": np.ones((10, 3), np.int32)}
-  seen = []
-  for p in range(2):
-    for b in batches.batch_arrays(arrays, 4, process_index=p, process_count=2):
-      assert b["a"].shape == (2,) and b["b"].shape == (2, 3)
-      seen += b["a"][b["valid"]].tolist()
-      assert np.all(b["a"][~b["valid"]] == 0)
-  assert sorted(seen) == list(range(1, 11))
+  idx, valid = batches.process_eval_indices(10)  # defaults: this single process
+  assert idx.tolist() == list(range(10)) and valid.all()
+  with pytest.raises(ValueError, match="process_index 3"):
+    batches.process_eval_indices(10, 3, 3)
 
 
 # ----------------------------------------------------------------------------- phantoms

@@ -1,4 +1,5 @@
-"""Properties of the latent-space anomaly synthesis (masks, shuffles, DoD identity, two-stage mask, jit/shard_map)."""
+"""Properties of the latent-space anomaly synthesis (masks, shuffles, DoD identity, two-stage mask, jit/shard_map),
+and latent tasks drawn from the one task table of the entry point `mix.build_synthesis` with a VAE codec."""
 from __future__ import annotations
 
 import jax
@@ -8,6 +9,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mediclip_jax.synthesis import latent as LT
+from mediclip_jax.synthesis import mix
 
 
 def _cfg(**kw):
@@ -136,6 +138,8 @@ def _synth_fn(vae, cfg):
 
 
 def test_latent_synthesize_jit_split_independent_and_shard_map(tiny_vae):
+  """Jitted per device under jax.shard_map (one CPU device here) with replicated VAE and support latents,
+  as the train step runs it; a sample depends only on its own key, image and task."""
   cfg = _cfg()
   rng = np.random.default_rng(4)
   images = jnp.asarray(rng.uniform(size=(4, 32, 32)), jnp.float32)
@@ -143,7 +147,9 @@ def test_latent_synthesize_jit_split_independent_and_shard_map(tiny_vae):
   keys = jax.random.split(jax.random.key(5), 4)
   tasks = jnp.asarray([LT.TASK_DEVIATION, LT.TASK_SHUFFLE, LT.TASK_IDENTITY, LT.TASK_DEVIATION])
   state, run = _synth_fn(tiny_vae, cfg)
-  jrun = jax.jit(run)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  jrun = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data"), P("data"), P(), P("data")),
+                               out_specs=P("data")))
   out = jrun(state, keys, images, support, tasks)
   assert {k: v.shape for k, v in out.items()} == {"image": (4, 32, 32), "mask": (4, 32, 32),
                                                    "recon": (4, 32, 32), "task": (4,)}
@@ -158,12 +164,6 @@ def test_latent_synthesize_jit_split_independent_and_shard_map(tiny_vae):
   for k in ("image", "mask", "recon"):
     np.testing.assert_allclose(np.asarray(out2[k][:2]), np.asarray(out[k][:2]), atol=1e-6)
   assert not np.allclose(np.asarray(out2["recon"][2:]), np.asarray(out["recon"][2:]))
-  # Per device under jax.shard_map (one CPU device here), with replicated VAE and support latents.
-  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-  sharded = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P(), P("data"), P("data"), P(), P("data")),
-                                  out_specs=P("data")))
-  out_s = sharded(state, keys, images, support, tasks)
-  np.testing.assert_allclose(np.asarray(out_s["image"]), np.asarray(out["image"]), atol=1e-5)
 
 
 def test_two_stage_mask_inside_region_and_options(tiny_vae):
@@ -171,17 +171,20 @@ def test_two_stage_mask_inside_region_and_options(tiny_vae):
   images = jnp.asarray(rng.uniform(size=(6, 32, 32)), jnp.float32)
   support = tiny_vae.encode(images[:3])
   keys = jax.random.split(jax.random.key(7), 6)
+  # One compiled program for the options: batch pool (DeCo-Diff), no round trip of normals, raw latents.
+  state, run = _synth_fn(tiny_vae, _cfg(pool="batch", severity=(2.0, 3.0), roundtrip_normals=False,
+                                        standardise=False, two_stage_threshold=0.0))
+  run = jax.jit(run)
   # Identity samples without round trip: the original image comes back, still no mask.
-  state, run = _synth_fn(tiny_vae, _cfg(roundtrip_normals=False, standardise=False, two_stage_threshold=0.0))
-  out = jax.jit(run)(state, keys, images, support, jnp.full((6,), LT.TASK_IDENTITY))
+  out = run(state, keys, images, support, jnp.full((6,), LT.TASK_IDENTITY))
   np.testing.assert_array_equal(np.asarray(out["image"]), np.asarray(images))
   assert not np.asarray(out["mask"]).any()
-  # Batch pool (DeCo-Diff) and drawn tasks also trace; masks are binary.
-  state, run = _synth_fn(tiny_vae, _cfg(pool="batch", severity=(2.0, 3.0)))
-  out = jax.jit(run)(state, keys, images, support, None)
+  # Anomalies from the batch pool: masks are binary and not all empty; the given tasks come back.
+  tasks = jnp.asarray([LT.TASK_DEVIATION, LT.TASK_SHUFFLE] * 3)
+  out = run(state, keys, images, support, tasks)
   m = np.asarray(out["mask"])
   assert set(np.unique(m)) <= {0.0, 1.0} and m.any()
-  assert set(np.asarray(out["task"]).tolist()) <= {LT.TASK_DEVIATION, LT.TASK_SHUFFLE}
+  np.testing.assert_array_equal(np.asarray(out["task"]), np.asarray(tasks))
   # Directly: the mask is empty outside the region even where the images differ.
   x = jnp.ones((1, 16, 16))
   region = jnp.zeros((1, 4, 4)).at[0, 1, 2].set(1.0)
@@ -196,3 +199,53 @@ def test_latent_stats_standardise_support():
   zs = (z - mean) / std
   np.testing.assert_allclose(np.asarray(zs.mean((0, 1, 2))), 0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(zs.std((0, 1, 2))), 1, atol=1e-4)
+
+
+def _codec(vae: _LinearVae) -> mix.Codec:
+  """The stand-in VAE as the codec the entry point takes (its state unused)."""
+  return mix.Codec(jnp.zeros(()), lambda state, x: vae.encode(x), lambda state, z: vae.decode(z))
+
+
+@pytest.mark.slow
+def test_entry_point_draws_latent_tasks_from_the_task_table(tiny_vae):
+  """With latent tasks in the table, `build_synthesis` needs a codec, pools the support latents and their
+  statistics, draws every task with its probability, replaces latent samples by decoded anomalies (two-stage
+  masks), identity samples by the VAE round trip, and keeps a sample's result independent of the batch."""
+  cfg = mix.default_config()
+  probs = {"cutpaste": 0.1, "identity": 0.3, "latent_deviation": 0.35, "latent_shuffle": 0.25}
+  for t in mix.TASKS:
+    cfg.probs[t] = probs.get(t, 0.0)
+  cfg.latent.patch_sizes, cfg.latent.patch_probs = (1, 2), (0.5, 0.5)
+  with pytest.raises(ValueError, match="no VAE was given"):
+    mix.build_synthesis(cfg)
+  synthesize, make_pools = mix.build_synthesis(cfg, _codec(tiny_vae))
+  rng = np.random.default_rng(9)
+  support = rng.uniform(size=(4, 32, 32)).astype(np.float32)
+  pools = make_pools(support)
+  assert set(pools) == {"support", "vae", "support_latents", "latent_mean", "latent_std"}
+  np.testing.assert_allclose(np.asarray(pools["support_latents"]), np.asarray(tiny_vae.encode(jnp.asarray(support))))
+  n = 1024
+  images = support[np.arange(n) % 4] * rng.uniform(0.5, 1.0, (n, 1, 1)).astype(np.float32)
+  index = np.arange(n, dtype=np.int32)
+  fn = jax.jit(synthesize)
+  out = jax.device_get(fn(jax.random.key(2), 5, jnp.asarray(images), jnp.asarray(index), pools))
+  task = out["task"]
+  freq = np.bincount(task, minlength=len(mix.TASKS)) / n
+  np.testing.assert_allclose(freq, [probs.get(t, 0.0) for t in mix.TASKS], atol=0.05)
+  recon = np.asarray(tiny_vae.decode(tiny_vae.encode(jnp.asarray(images))))
+  ident = task == mix.TASKS.index("identity")
+  np.testing.assert_allclose(out["image"][ident], recon[ident], atol=1e-6)  # roundtrip_normals
+  assert not out["mask"][ident].any()
+  lat = task >= len(mix.PIXEL_TASKS)
+  mask = out["mask"]
+  assert set(np.unique(mask)) <= {0.0, 1.0}
+  # Regions keep ⌊G·(1 − r)⌋ of G cells, so small r on coarse patches corrupts nothing: some masks are empty.
+  assert np.mean(mask[lat].reshape(int(lat.sum()), -1).max(1) > 0) > 0.4
+  # Two-stage: inside the mask the anomaly departs from the round trip by more than the threshold.
+  assert np.all(np.abs(out["image"] - recon)[lat][mask[lat] > 0] > cfg.latent.two_stage_threshold)
+  paste = task == mix.TASKS.index("cutpaste")
+  np.testing.assert_array_equal(out["image"][paste][mask[paste] == 0], images[paste][mask[paste] == 0])
+  perm = rng.permutation(n)
+  again = jax.device_get(fn(jax.random.key(2), 5, jnp.asarray(images[perm]), jnp.asarray(index[perm]), pools))
+  for k in ("image", "mask", "task"):
+    np.testing.assert_allclose(again[k], out[k][perm], atol=1e-6)

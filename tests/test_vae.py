@@ -1,7 +1,7 @@
-"""VAE parity with diffusers' PyTorch AutoencoderKL (diffusers and CompVis layouts) and TAEF2 round-trip quality."""
+"""VAE parity with diffusers' PyTorch AutoencoderKL (diffusers and CompVis layouts), the codec synthesis runs,
+TAEF2 round-trip quality, and the PSNR/SSIM the VAE quality gate uses."""
 from __future__ import annotations
 
-import json
 import re
 
 import jax
@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data_pipelines import normal_images
+from mediclip_jax.evaluate import image_quality
 from mediclip_jax.models import vae as V
 from mediclip_jax.weights.io import CheckpointError
 
@@ -65,6 +67,7 @@ def _max_err(ours, x, z, ref_mean, ref_dec):
   return float(np.abs(mean - ref_mean).max()), float(np.abs(dec - ref_dec).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,safe", [("4ch", True), ("16ch", False)])
 def test_autoencoder_kl_matches_diffusers(tmp_path, variant, safe):
   """A save_pretrained directory (.safetensors for 4ch, .bin for 16ch) loads and matches encode mean / decode to 1e-4."""
@@ -116,6 +119,7 @@ def _diffusers_to_ldm(sd: dict) -> dict:
   return out
 
 
+@pytest.mark.slow
 def test_compvis_layout_with_lora_matches_diffusers(tmp_path):
   """The same weights renamed to LDM keys (a Lightning .ckpt, one conv as a MedVAE LoRA wrapper, a stage-2 head) load identically."""
   m = _torch_vae("4ch")
@@ -142,6 +146,7 @@ def test_compvis_layout_with_lora_matches_diffusers(tmp_path):
   assert e_enc < 1e-4 and e_dec < 1e-4
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_names_missing_and_misshaped_tensors(tmp_path):
   m = _torch_vae("4ch")
   m.save_pretrained(tmp_path)
@@ -163,8 +168,10 @@ def test_bad_checkpoint_names_missing_and_misshaped_tensors(tmp_path):
     V.load_vae(cfg)
 
 
-def test_random_init_dtype_policy():
-  """bf16 compute keeps float32 parameters; both classes map (B,H,W) images to (B,H/8,W/8,C) latents."""
+@pytest.mark.slow
+def test_random_init_dtype_policy_and_codec():
+  """bf16 compute keeps float32 parameters; both classes map (B,H,W) images to (B,H/8,W/8,C) latents;
+  `vae.codec` gives synthesis the grey wrappers as jittable pure functions of the VAE state."""
   cfg = V.default_config()
   cfg.dtype = "bfloat16"
   cfg.taef2_channels = 8
@@ -172,38 +179,50 @@ def test_random_init_dtype_policy():
   tae = V.build_vae(cfg)
   leaves = jax.tree.leaves(nnx.state(tae, nnx.Param))
   assert leaves and all(a.dtype == jnp.float32 for a in leaves)
-  z = V.encode_gray(tae, jnp.zeros((1, 32, 32)))
-  assert z.shape == (1, 4, 4, 4) and V.decode_gray(tae, z).shape == (1, 32, 32)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32)), jnp.float32)
+  z = V.encode_gray(tae, x)
+  y = V.decode_gray(tae, z)
+  assert z.shape == (2, 4, 4, 4) and y.shape == (2, 32, 32)
+  codec = V.codec(tae)
+  np.testing.assert_array_equal(np.asarray(codec.encode(codec.state, x)), np.asarray(z))
+  np.testing.assert_array_equal(np.asarray(codec.decode(codec.state, z)), np.asarray(y))
+  zj, yj = jax.jit(lambda s, v: (codec.encode(s, v), codec.decode(s, codec.encode(s, v))))(codec.state, x)
+  np.testing.assert_allclose(np.asarray(zj), np.asarray(z), atol=0.05)  # bf16: fusion changes roundings
+  np.testing.assert_allclose(np.asarray(yj), np.asarray(y), atol=0.05)
   with pytest.raises(ValueError, match="vae.kind"):
     cfg.kind = "vqgan"
     V.build_vae(cfg)
 
 
-def _support_images(root, n: int, size: int) -> np.ndarray:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  with open(root / "samples" / "train.json") as f:
-    names = [json.loads(line)["filename"] for line in f if line.strip()][:n]
-  return np.stack([np.asarray(Image.open(root / "images" / name).convert("L").resize((size, size), Image.BILINEAR),
-                              np.float32) / 255.0 for name in names])
+def test_psnr_and_ssim():
+  """PSNR from the MSE; SSIM 1 for equal images, lower with more noise, insensitive to nothing else."""
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0.2, 0.8, (2, 48, 48)).astype(np.float32)
+  y = x + np.float32(0.01)
+  np.testing.assert_allclose(np.asarray(image_quality.psnr(jnp.asarray(y), jnp.asarray(x))), 40.0, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(image_quality.ssim(jnp.asarray(x), jnp.asarray(x))), 1.0, atol=1e-6)
+  noisy = [np.clip(x + s * rng.normal(size=x.shape), 0, 1).astype(np.float32) for s in (0.02, 0.1)]
+  s_lo, s_hi = (np.asarray(image_quality.ssim(jnp.asarray(n), jnp.asarray(x))) for n in noisy)
+  assert np.all(s_hi < s_lo) and np.all(s_lo < 1.0)
+  np.testing.assert_allclose(np.asarray(image_quality.ssim(jnp.asarray(x), jnp.asarray(noisy[1]))), s_hi, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_taef2_real_weights_round_trip_psnr(shared_dir):
   """The real TAEF2 weights reconstruct BrainMRI and BUSI support images at 256² with mean PSNR ≥ 31 dB."""
   cfg = V.default_config()
   cfg.path = str(shared_dir / "weights" / "taef2")
-  tae = V.load_vae(cfg)
-  graphdef, state = nnx.split(tae)
+  codec = V.codec(V.load_vae(cfg))
 
   @jax.jit
   def round_trip(state, x):
-    m = nnx.merge(graphdef, state)
-    z = V.encode_gray(m, x)
-    return V.decode_gray(m, z), z
+    z = codec.encode(state, x)
+    return codec.decode(state, z), z
 
   for ds in ("brainmri", "busi"):
-    x = _support_images(shared_dir / "data" / ds, 4, 256)
-    y, z = round_trip(state, jnp.asarray(x))
+    x = normal_images.load_normal_images(shared_dir / "data" / ds, 256, 4)[0]
+    y, z = round_trip(codec.state, jnp.asarray(x))
     assert z.shape == (4, 32, 32, 32)
-    psnr = 10 * np.log10(1.0 / ((np.asarray(y) - x) ** 2).mean(axis=(1, 2)))
+    psnr = np.asarray(image_quality.psnr(y, jnp.asarray(x)))
     print(f"\nTAEF2 {ds} 256²: PSNR per image {np.round(psnr, 2).tolist()}, mean {psnr.mean():.2f} dB")
     assert psnr.mean() >= 31.0
