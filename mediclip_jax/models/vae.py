@@ -488,6 +488,9 @@ def load_vae(cfg: ml_collections.ConfigDict) -> Vae:
         cfg[k] = v
   else:
     raise ValueError(f"vae.kind: expected {KIND_TAEF2!r} or {KIND_KL!r}, got {cfg.kind!r}")
-  model = build_vae(cfg)
+  model = nnx.eval_shape(lambda: build_vae(cfg))  # shapes only: every parameter comes from the file
   vae_convert.assign_torch_state(model, tensors, source=path)
+  abstract = [p for p, v in nnx.to_flat_state(nnx.state(model)) if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+  if abstract:
+    raise ValueError(f"{path}: the VAE state {abstract[:3]} was not filled from the checkpoint")
   return model
