@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One persistent XLA compilation cache per test session, inherited by the launcher subprocesses:
+# the end-to-end tests start the same training program several times (run, SIGTERM, kill -9, resume).
+_OWN_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="mediclip_jax_xla_")
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
 SHARED = Path(os.environ.get("MEDICLIP_SHARED", REPO.parent / "shared"))
 
 
@@ -21,6 +30,12 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def bpe_path(shared_dir) -> Path:
   return shared_dir / "weights" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
