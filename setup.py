@@ -33,5 +33,7 @@ setup(
             "scipy",
             "tensorboard",  # reads back our event files in tests
         ],
+        # The benchmark's host mode: the pixel tasks in numpy/OpenCV (synthesis/reference_numpy.py).
+        "bench": ["opencv-python-headless", "scipy"],
     },
 )

@@ -1,9 +1,11 @@
-"""Analytic model FLOPs of the MediCLIP train step (DESIGN §12, CONVENTIONS §2, LATENT §4).
+"""Analytic model FLOPs of the MediCLIP train step.
 
 Counts matmul-class work only (linear layers, convolutions, attention QK^T and PV), with a
-multiply-add counted as 2 FLOPs (the MaxText convention; scenic halves). Normalisations,
-activations, softmax and synthesis arithmetic are left out, so XLA's `cost_analysis()` is
-expected to be somewhat higher. What the step computes:
+multiply-add counted as 2 FLOPs (the MaxText convention; scenic halves). A convolution counts
+only the kernel taps that land on the input, not on its zero padding (as XLA counts them).
+Normalisations, activations, softmax and synthesis arithmetic are left out, so XLA's
+`cost_analysis()` of a program is at or slightly above the count (tests/test_benchmark.py
+bounds the gap per component). What the step computes:
 
 - vision tower forward on B images, blocks 1..max(tap) (later blocks and the pooled head are
   dead code under jit; the taps are stop-gradient, so there is no vision backward);
@@ -30,7 +32,8 @@ def transformer_block_flops(tokens: int, width: int, mlp_ratio: float = 4.0) -> 
   return {"linear": float(linear), "attention": float(attention)}
 
 
-def vision_forward_flops(image_size: int, patch_size: int, width: int, layers_run: int, mlp_ratio: float = 4.0) -> float:
+def vision_forward_flops(image_size: int, patch_size: int, width: int, layers_run: int,
+                         mlp_ratio: float = 4.0) -> float:
   """Forward FLOPs per image: patch embedding plus `layers_run` blocks on 1 + grid² tokens."""
   grid = image_size // patch_size
   tokens = 1 + grid * grid
@@ -62,8 +65,22 @@ def head_flops(batch: int, grid: int, image_size: int, n_taps: int, embed_dim: i
   return float(3 * sims + 2 * upsample)
 
 
-def _conv(res: int, k: int, cin: int, cout: int) -> float:
-  return float(MAC * res * res * k * k * cin * cout)
+def _taps_1d(size: int, k: int, stride: int, pad: tuple[int, int]) -> int:
+  """Kernel taps, summed over the outputs of one spatial axis, that land inside the input (not on padding)."""
+  lo, hi = pad
+  n_out = (size + lo + hi - k) // stride + 1
+  total = 0
+  for t in range(k):  # output o reads input o*stride - lo + t; count the o for which that index is valid
+    first = max(0, -(-(lo - t) // stride))
+    last = min(n_out - 1, (size - 1 + lo - t) // stride)
+    total += max(0, last - first + 1)
+  return total
+
+
+def _conv(res: int, k: int, cin: int, cout: int, stride: int = 1, pad: tuple[int, int] | None = None) -> float:
+  """A k×k convolution on a res×res input (symmetric k//2 zero padding unless `pad` is given)."""
+  taps = _taps_1d(res, k, stride, pad if pad is not None else (k // 2, k // 2))
+  return float(MAC * taps * taps * cin * cout)
 
 
 def _resnet(res: int, cin: int, cout: int) -> float:
@@ -80,7 +97,11 @@ def autoencoder_kl_flops(image_size: int, block_out_channels: Sequence[int], lay
                          latent_channels: int = 4, in_channels: int = 3, out_channels: int = 3,
                          mid_attention: bool = True, quant_conv: bool = True,
                          post_quant_conv: bool = True) -> dict[str, float]:
-  """Encode and decode FLOPs per image of the diffusers AutoencoderKL (SD kl-f8: 208 / 476 GFLOP at 224²)."""
+  """Encode and decode FLOPs per image of the diffusers AutoencoderKL (SD kl-f8 at 224²: 205 / 469 GFLOP).
+
+  Downsampling is the stride-2 3×3 convolution with (0, 1) padding, upsampling nearest ×2 then
+  a 3×3 convolution, as in diffusers.
+  """
   boc = [int(c) for c in block_out_channels]
   n = len(boc)
   s = image_size
@@ -91,8 +112,8 @@ def autoencoder_kl_flops(image_size: int, block_out_channels: Sequence[int], lay
       enc += _resnet(res, cin if j == 0 else c, c)
     cin = c
     if i < n - 1:
+      enc += _conv(res, 3, c, c, stride=2, pad=(0, 1))
       res //= 2
-      enc += _conv(res, 3, c, c)
   mid = 2 * _resnet(res, boc[-1], boc[-1]) + (_spatial_attention(res, boc[-1]) if mid_attention else 0.0)
   enc += mid + _conv(res, 3, boc[-1], 2 * latent_channels)
   if quant_conv:
@@ -113,7 +134,10 @@ def autoencoder_kl_flops(image_size: int, block_out_channels: Sequence[int], lay
 
 
 def taef2_flops(image_size: int, channels: int = 64, latent_channels: int = 32) -> dict[str, float]:
-  """Encode and decode FLOPs per image of TAEF2 (convolutions; ≈23.6 / 27.2 GFLOP at 224²)."""
+  """Encode and decode FLOPs per image of TAEF2 (convolutions; 23.3 / 27.0 GFLOP at 224²).
+
+  Every 3×3 convolution pads 1 on both sides, the stride-2 ones included.
+  """
   c, s = channels, image_size
 
   def block(res: int, gn: bool) -> float:
@@ -122,8 +146,9 @@ def taef2_flops(image_size: int, channels: int = 64, latent_channels: int = 32) 
   enc = _conv(s, 3, 3, c) + block(s, False)
   res = s
   for stage in range(3):
+    enc += _conv(res, 3, c, c, stride=2)
     res //= 2
-    enc += _conv(res, 3, c, c) + 3 * block(res, stage == 2)
+    enc += 3 * block(res, stage == 2)
   enc += _conv(res, 3, c, latent_channels)
   dec = _conv(res, 3, latent_channels, c) + 3 * block(res, True)
   for stage in range(3):
@@ -131,18 +156,6 @@ def taef2_flops(image_size: int, channels: int = 64, latent_channels: int = 32) 
     dec += _conv(res, 3, c, c) + (3 * block(res, False) if stage < 2 else block(res, False))
   dec += _conv(res, 3, c, 3)
   return {"encode": enc, "decode": dec}
-
-
-def vae_flops_per_image(vae_cfg, image_size: int) -> dict[str, float]:
-  """Per-image encode/decode FLOPs of the VAE a `vae` config section describes (after any checkpoint overrides)."""
-  if vae_cfg.kind == "taef2":
-    return taef2_flops(image_size, int(vae_cfg.taef2_channels), int(vae_cfg.taef2_latent_channels))
-  if vae_cfg.kind == "autoencoder_kl":
-    return autoencoder_kl_flops(image_size, tuple(vae_cfg.block_out_channels), int(vae_cfg.layers_per_block),
-                                int(vae_cfg.latent_channels), int(vae_cfg.in_channels), int(vae_cfg.out_channels),
-                                bool(vae_cfg.mid_block_add_attention), bool(vae_cfg.use_quant_conv),
-                                bool(vae_cfg.use_post_quant_conv))
-  raise ValueError(f"vae.kind: expected 'taef2' or 'autoencoder_kl', got {vae_cfg.kind!r}")
 
 
 def step_flops(*, batch: int, image_size: int, patch_size: int, vision_width: int, tap_layers: Sequence[int],
