@@ -17,7 +17,7 @@ dataset, workdir, mesh, train=True)`, on a generated support dataset (`bench.sup
              DataLoader, feeding the step with synthesis removed (it receives images + masks).
   synthetic  device-resident random images + masks: no input pipeline, no synthesis (the device bound).
 `host` and `synthetic` come from the method's optional benchmark hook, `bench_parts(config, mesh,
-trainable)` of the companion module `<method module>_bench` (MediCLIP's:
+trainable)`, registered in `mediclip_jax.methods.BENCH_PARTS` (MediCLIP's:
 mediclip_jax/methods/mediclip_bench.py), which
 also gives the stage breakdown (each part jitted alone: synthesis, VAE encode/decode, CLIP vision
 forward; off with `--config.bench.stages=false`) and the analytic FLOPs behind MFU. A method without
@@ -261,17 +261,6 @@ def support_dataset(config: ml_collections.ConfigDict, root: str) -> tuple[datas
   raise ValueError(f"bench.support must be 'phantom' or 'random', got {kind!r}")
 
 
-def bench_hook(method: types.ModuleType) -> Callable | None:
-  """The method's benchmark hook: `bench_parts` of its companion module `<method module>_bench`, if it has one.
-
-  The companion module keeps the benchmark's extras (worker pools, stage programs) out of the method.
-  """
-  name = f"{method.__name__}_bench"
-  if importlib.util.find_spec(name) is None:
-    return None
-  return importlib.import_module(name).bench_parts
-
-
 class Workload:
   """A method built for benchmarking: config (global batch set), mesh, `Trainable`, the hook's parts."""
 
@@ -291,7 +280,7 @@ class Workload:
     dataset, self.support = support_dataset(config, build_dir)
     self.config = config
     self.trainable = self.method.build(config, dataset, build_dir, self.mesh, train=True)
-    hook = bench_hook(self.method)
+    hook = methods.BENCH_PARTS.get(self.config.method)
     self.parts = hook(config, self.mesh, self.trainable) if hook else None
     self.fed_program: tuple[str, Program] | None = None  # (first mode that compiled it, program)
 
@@ -310,7 +299,7 @@ class Workload:
     if mode == "fused":
       return None
     if self.parts is None:
-      return (f"method {self.config.method!r} has no benchmark hook ({self.method.__name__}_bench.bench_parts): "
+      return (f"method {self.config.method!r} has no benchmark hook (methods.BENCH_PARTS): "
               "only the fused mode runs")
     if mode in self.parts.unavailable:
       return self.parts.unavailable[mode]

@@ -21,6 +21,7 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow
 RUN_TIMEOUT_S = 300
 
 

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_one_vs_eight_devices_same_loss_and_params_no_recompile():
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_equivalence.py")], env=env,

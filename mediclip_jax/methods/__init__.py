@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import types
 
-from mediclip_jax.methods import mediclip
+from collections.abc import Callable
+
+from mediclip_jax.methods import mediclip, mediclip_bench
 
 METHODS: dict[str, types.ModuleType] = {mediclip.NAME: mediclip}
+# Optional benchmark hooks, (config, mesh, trainable) -> BenchParts: the fed step, host/synthetic feeds and
+# stage programs of `launch/benchmark.py`. A method without one is benchmarked in the fused mode only.
+BENCH_PARTS: dict[str, Callable] = {mediclip.NAME: mediclip_bench.bench_parts}
 
 
 def get(name: str) -> types.ModuleType:

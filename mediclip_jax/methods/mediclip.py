@@ -84,10 +84,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.clip.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.model.clip.dtype must be float32 or bfloat16, got {config.model.clip.dtype!r}")
   mix.validate_config(config.synthesis)
-  if mix.uses_latent(config.synthesis):
-    if config.data.image_size % 8:
-      raise ValueError(f"latent tasks need config.data.image_size divisible by 8, got {config.data.image_size}")
-    latent.validate_config(config.synthesis.latent, config.data.image_size // 8)
+  factor = vae_lib.downscale_factor(config.vae)
+  if mix.uses_latent(config.synthesis) and factor:  # a VAE file's own architecture is checked when traced
+    if config.data.image_size % factor:
+      raise ValueError(f"latent tasks need config.data.image_size divisible by the VAE's downscale factor {factor}, "
+                       f"got {config.data.image_size}")
+    latent.validate_config(config.synthesis.latent, config.data.image_size // factor)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -469,6 +469,16 @@ def build_vae(cfg: ml_collections.ConfigDict) -> Vae:
   raise ValueError(f"vae.kind: expected {KIND_TAEF2!r} or {KIND_KL!r}, got {cfg.kind!r}")
 
 
+def downscale_factor(cfg: ml_collections.ConfigDict) -> int | None:
+  """Image-to-latent downscale of the VAE `cfg` describes (TAEF2: 8; AutoencoderKL: 2 per extra level), or None
+  when an AutoencoderKL file will bring its own architecture."""
+  if cfg.kind == KIND_TAEF2:
+    return 8
+  if cfg.kind == KIND_KL and cfg.path is None:
+    return 2 ** (len(cfg.block_out_channels) - 1)
+  return None
+
+
 def load_vae(cfg: ml_collections.ConfigDict) -> Vae:
   """Builds the VAE of `cfg` and loads `cfg.path` into it (random init when path is None)."""
   if cfg.path is None:
