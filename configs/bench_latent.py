@@ -22,11 +22,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = 224
   c.model.clip.dtype = "bfloat16"
   c.data.k_shot = 16
-  use_latent_tasks(c)
   c.vae.kind = "autoencoder_kl"
   c.vae.path = None
   c.vae.dtype = "bfloat16"
   c.vae.block_out_channels = (128, 256, 512, 512)
   c.vae.latent_channels = 4
+  use_latent_tasks(c)  # after the VAE: patch sizes for its latent grid
   c.bench = bench_section(batch_per_device=64, warmup_steps=3, steps=50, modes="fused,synthetic")
   return c

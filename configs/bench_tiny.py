@@ -21,10 +21,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.bench = bench_section(batch_per_device=8, warmup_steps=2, steps=10,
                           modes="fused,synthetic" if a.latent else "fused,host,synthetic")
   if a.latent:
-    use_latent_tasks(c)
     c.vae.kind = "autoencoder_kl"
     c.vae.block_out_channels = (32, 64)
     c.vae.norm_num_groups = 32
     c.vae.latent_channels = 4
     c.vae.layers_per_block = 1
+    use_latent_tasks(c)  # after the VAE: patch sizes for its latent grid
   return c

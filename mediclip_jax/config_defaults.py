@@ -10,6 +10,7 @@ import ml_collections
 
 from mediclip_jax import methods
 from mediclip_jax.config_utils import parse_arg
+from mediclip_jax.models import vae as vae_lib
 from mediclip_jax.models.clip import get_variant
 from mediclip_jax.synthesis import latent
 
@@ -106,13 +107,15 @@ def mediclip_config(preset: str = "reference", variant: str = "ViT-L-14") -> ml_
 
 def use_latent_tasks(c: ml_collections.ConfigDict, vae_path: str | None = None) -> None:
   """Mixes latent tasks in (0.2 per pixel task, 0.1 per latent task) with patch sizes that divide the latent grid."""
-  if c.data.image_size % 8:
-    raise ValueError(f"latent tasks need data.image_size divisible by 8, got {c.data.image_size}")
   c.synthesis.probs = ml_collections.ConfigDict(dict(LATENT_MIX))
   if vae_path is not None:
     c.vae.kind = "taef2"
     c.vae.path = vae_path
-  sizes = latent.patch_size_choices(c.data.image_size // 8)
+  factor = vae_lib.downscale_factor(c.vae) or 8  # a VAE file's own factor is checked when traced
+  if c.data.image_size % factor:
+    raise ValueError(f"latent tasks need data.image_size divisible by the VAE's downscale factor {factor}, "
+                     f"got {c.data.image_size}")
+  sizes = latent.patch_size_choices(c.data.image_size // factor)
   c.synthesis.latent.patch_sizes = sizes
   c.synthesis.latent.patch_probs = tuple(1.0 / len(sizes) for _ in sizes)
 

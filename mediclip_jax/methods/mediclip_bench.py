@@ -1,8 +1,8 @@
 """MediCLIP's benchmark parts: what launch/benchmark.py times beside the method's own fused step.
 
-`bench_parts(config, mesh, trainable)` is MediCLIP's benchmark hook: launch/benchmark.py looks for
-`bench_parts` in a method's companion module `<method module>_bench` (this one for
-`methods.mediclip`) and runs only the method's own fused step when there is none. It gives
+`bench_parts(config, mesh, trainable)` is MediCLIP's benchmark hook, registered in
+`mediclip_jax.methods.BENCH_PARTS`; launch/benchmark.py runs only a method's own fused step when it
+has none. It gives
 - the fed step: the train step without synthesis, on ready images and masks. Its body is
   `mediclip.update_on_batch`, the fused step's own loss and update, so fused and fed steps
   differ only in where the anomalies come from;

@@ -119,6 +119,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, method: 
   With `dump_params`, each process also writes its copy of the final parameters to
   `workdir/params_process<i>.npz` (to check that processes stayed identical).
   """
+  # SIGTERM is caught from the start (data loading, compilation, the untrained evaluation included): a
+  # signal before the first step stops the run after it. Without this, a signal that arrives before the
+  # loop either kills the process or, in a multi-process run, is swallowed by JAX's preemption notifier.
+  with _Interrupt() as interrupt:
+    return _train_and_evaluate(config, workdir, method, dump_params, interrupt)
+
+
+def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict:
   validate(config)
   method.validate(config)
   mesh = parallel.make_mesh()
@@ -182,38 +190,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, method: 
     untrained = evaluate(0)
     report(0, untrained)
   progress.compiling()
-  with _Interrupt() as interrupt:
-    step = start
-    while step < total:
-      batch = {k: parallel.global_array(v, mesh) for k, v in trainable.local_batch(step).items()}
-      state, m = trainable.train_step(state, batch)
-      step += 1
-      logged = step % config.train.log_every_steps == 0 or step == total
-      # A SIGTERM may reach the processes at different steps: they agree at log steps (a host sync
-      # there anyway), so all of them stop and checkpoint at the same step.
-      stop = (logged and parallel.any_process(interrupt.requested)) if multi else interrupt.requested
-      if logged:
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"non-finite loss {m['loss']} at step {step}")
-        if main:
-          rec = {"step": step, "epoch": step / spe, **{f"train/{k}": v for k, v in m.items()},
-                 "elapsed_s": time.perf_counter() - t_start}
-          metrics_log.write(rec)
-          tb.scalars(step, {k: v for k, v in rec.items() if k.startswith("train/")})
-      progress.update(step, f"loss {m['loss']:.4f}" if logged else "")
-      if step % eval_every == 0 or step == total:
-        res = evaluate(step)
-        if best["score"] is None or res[select_key] > best["score"]:
-          best = {"score": res[select_key], "epoch": step // spe, "metrics": res}
-        report(step, res)
-        final = res
-      if step % config.train.checkpoint_every_steps == 0 or step == total or stop:
-        save(step)
-      if stop and step < total:
-        ckpt.close()
-        progress.close()
-        raise Interrupted(step)
+  step = start
+  while step < total:
+    batch = {k: parallel.global_array(v, mesh) for k, v in trainable.local_batch(step).items()}
+    state, m = trainable.train_step(state, batch)
+    step += 1
+    logged = step % config.train.log_every_steps == 0 or step == total
+    # A SIGTERM may reach the processes at different steps: they agree at log steps (a host sync
+    # there anyway), so all of them stop and checkpoint at the same step.
+    stop = (logged and parallel.any_process(interrupt.requested)) if multi else interrupt.requested
+    if logged:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"non-finite loss {m['loss']} at step {step}")
+      if main:
+        rec = {"step": step, "epoch": step / spe, **{f"train/{k}": v for k, v in m.items()},
+               "elapsed_s": time.perf_counter() - t_start}
+        metrics_log.write(rec)
+        tb.scalars(step, {k: v for k, v in rec.items() if k.startswith("train/")})
+    progress.update(step, f"loss {m['loss']:.4f}" if logged else "")
+    if step % eval_every == 0 or step == total:
+      res = evaluate(step)
+      if best["score"] is None or res[select_key] > best["score"]:
+        best = {"score": res[select_key], "epoch": step // spe, "metrics": res}
+      report(step, res)
+      final = res
+    if step % config.train.checkpoint_every_steps == 0 or step == total or stop:
+      save(step)
+    if stop and step < total:
+      ckpt.close()
+      progress.close()
+      raise Interrupted(step)
   ckpt.close()
   progress.close()
   if not final:  # resumed at the last step: evaluate what was restored
