@@ -84,6 +84,7 @@ _SUITE_SCALE = flags.DEFINE_enum("suite_scale", "full", ["full", "tiny"], "full:
                                  "under 8 minutes); tiny: CPU stand-ins (tiny CLIP at 64 px, small KL VAE).")
 _SUITE_DATA_ROOT = flags.DEFINE_string("suite_data_root", "../shared/data/brainmri", "BrainMRI dataset of the "
                                        "suite's time-to-result run.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved --config and exit.")
 
 SCHEMA = "mediclip_jax.benchmark/2"
 SUITE_SCHEMA = "mediclip_jax.benchmark_suite/1"
@@ -779,10 +780,16 @@ def _writer(path: str | None) -> Callable[[dict], None]:
 
 def main(argv) -> int:
   del argv
+  config = _CONFIG.value
+  if _PRINT_CONFIG.value:
+    if config is None:
+      print("error: --print_config needs --config", file=sys.stderr)
+      return 2
+    print(config)
+    return 0
   writers.configure_logging(flags.FLAGS.verbosity)  # -v 1: third-party INFO logs too
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  config = _CONFIG.value
   if _SUITE.value:
     if config is not None:
       print("error: --suite runs its own configs; drop --config", file=sys.stderr)

@@ -96,9 +96,9 @@ def test_invalid_method_values_raise_naming_the_field():
     methods.get(c.method).validate(c)
 
 
-def _cli_config(argv: list[str]) -> ml_collections.ConfigDict:
-  """The config as `launch/train.py --print_config` resolves it (absl flag parsing, overrides applied)."""
-  out = subprocess.run([sys.executable, "launch/train.py", *argv, "--print_config"], cwd=REPO,
+def _cli_config(argv: list[str], launcher: str = "train") -> ml_collections.ConfigDict:
+  """The config as `launch/<launcher>.py --print_config` resolves it (absl flag parsing, overrides applied)."""
+  out = subprocess.run([sys.executable, f"launch/{launcher}.py", *argv, "--print_config"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   return ml_collections.ConfigDict(__import__("yaml").unsafe_load(out.stdout))
@@ -118,9 +118,10 @@ def test_explicit_override_beats_the_preset():
   assert (imp.synthesis.pixel.cutpaste.paste_mode, imp.data.color, imp.eval.every_epochs) == ("poisson", "grey", 10)
 
 
+@pytest.mark.parametrize("launcher", ["train", "benchmark"])
 @pytest.mark.parametrize("name", ALL_CONFIGS)
-def test_none_default_fields_take_command_line_overrides(name):
-  """Every field whose default is None is typed, so `--config.x=value` works for it."""
+def test_none_default_fields_take_command_line_overrides(name, launcher):
+  """Every field whose default is None is typed, so `--config.x=value` works for it, in both launchers."""
   c = load_config(name)
   nones = [p for p in leaf_paths(c) if _get(c, p) is None]
   assert "model.clip.checkpoint" in nones
@@ -130,7 +131,7 @@ def test_none_default_fields_take_command_line_overrides(name):
   missing = sorted(set(nones) - set(overrides))
   assert not missing, f"add a test value for {missing}"
   argv = ["--config", f"configs/{name}.py"] + [f"--config.{p}={overrides[p]}" for p in nones]
-  got = _cli_config(argv)
+  got = _cli_config(argv, launcher)
   for p in nones:
     assert str(_get(got, p)) == overrides[p], p
 
