@@ -5,6 +5,7 @@
   python launch/convert_weights.py --src open_clip_model.safetensors --act gelu --out ckpt/x
   python launch/convert_weights.py --kind vae --src ~/models/sd-vae-ft-mse --out ckpt/sd_vae
   python launch/convert_weights.py --kind vae --src medvae_4x1.ckpt --vae_layout compvis --out ckpt/medvae
+  python launch/convert_weights.py --kind vae --src ../shared/weights/taef2 --out ckpt/taef2
 
 CLIP (`--kind clip`, the default): the source is a Hugging Face CLIP directory or an OpenAI /
 open_clip .pt/.bin/.pth/.safetensors file, of any ViT architecture (read from the tensors).
@@ -16,7 +17,8 @@ file in the diffusers or CompVis/LDM layout, MedVAE LoRA merged). The output is 
 directory (config.json with the architecture read from the source, and
 diffusion_pytorch_model.safetensors, fp32); point `vae.path` at it with `vae.kind=autoencoder_kl`.
 Scaling fields the source does not state (single files) stay those of the run's config.
-TAEF2 weights are not converted: they load only from their taef2_{encoder,decoder}.pth files.
+A TAEF2 directory (taef2_{encoder,decoder}.pth) becomes a directory holding
+taef2_{encoder,decoder}.safetensors (dtypes kept); point `vae.path` at it with `vae.kind=taef2`.
 
 Every conversion builds the model and checks each tensor's name and shape before writing.
 Nothing is downloaded.
@@ -60,11 +62,24 @@ def convert_clip(src: str, out: str, act: str | None = None) -> str:
   return f"wrote {out}: {model.cfg} ({_n_params(flat_params(model)):.1f} M parameters)"
 
 
+def is_taef2_dir(src: str) -> bool:
+  """Whether `src` is a directory holding TAEF2 weight files (.pth or .safetensors)."""
+  names = vae_convert.TAEF2_FILES + vae_convert.TAEF2_SAFETENSORS
+  return os.path.isdir(src) and any(os.path.isfile(os.path.join(src, n)) for n in names)
+
+
+def convert_taef2(src: str, out: str) -> str:
+  """Writes the TAEF2 directory `src` as taef2_{encoder,decoder}.safetensors in `out`; returns a summary."""
+  cfg = vae_lib.default_config()
+  cfg.kind = vae_lib.KIND_TAEF2
+  cfg.path = src
+  vae_lib.load_vae(cfg)  # names and shapes checked against the model
+  tensors = vae_convert.write_taef2_safetensors(src, out)
+  return f"wrote {out}: TAEF2 ({_n_params(tensors):.2f} M parameters)"
+
+
 def convert_vae(src: str, out: str, layout: str = "auto") -> str:
   """Writes the AutoencoderKL checkpoint `src` as a diffusers safetensors directory `out`; returns a summary."""
-  if os.path.isdir(src) and any(os.path.isfile(os.path.join(src, n)) for n in vae_convert.TAEF2_FILES):
-    raise io.CheckpointError(f"{src}: TAEF2 weights load only from {' and '.join(vae_convert.TAEF2_FILES)}; "
-                             "point vae.path at this directory instead of converting it")
   tensors, arch = vae_convert.read_autoencoder_kl(src, layout=layout)
   cfg = vae_lib.default_config()
   cfg.kind = vae_lib.KIND_KL
@@ -84,12 +99,18 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   src, out, kind = _SRC.value, _OUT.value, _KIND.value
-  weights = CLIP_WEIGHTS if kind == "clip" else VAE_WEIGHTS
+  taef2 = kind == "vae" and is_taef2_dir(src)
+  weights = CLIP_WEIGHTS if kind == "clip" else vae_convert.TAEF2_SAFETENSORS[0] if taef2 else VAE_WEIGHTS
   if os.path.exists(os.path.join(out, weights)) and not _OVERWRITE.value:
     print(f"error: {out} already holds a checkpoint; pass --overwrite to replace it", file=sys.stderr)
     return 2
   try:
-    summary = convert_clip(src, out, _ACT.value) if kind == "clip" else convert_vae(src, out, _VAE_LAYOUT.value)
+    if kind == "clip":
+      summary = convert_clip(src, out, _ACT.value)
+    elif taef2:
+      summary = convert_taef2(src, out)
+    else:
+      summary = convert_vae(src, out, _VAE_LAYOUT.value)
   except (io.CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -226,3 +226,54 @@ def test_taef2_real_weights_round_trip_psnr(shared_dir):
     psnr = np.asarray(image_quality.psnr(y, jnp.asarray(x)))
     print(f"\nTAEF2 {ds} 256²: PSNR per image {np.round(psnr, 2).tolist()}, mean {psnr.mean():.2f} dB")
     assert psnr.mean() >= 31.0
+
+
+@pytest.mark.slow
+def test_taef2_safetensors_conversion_matches_pth_and_loads_without_torch(shared_dir, tmp_path):
+  """convert_weights.py --kind vae turns the TAEF2 .pth pair into safetensors that encode/decode identically;
+  the safetensors are preferred beside .pth files and load with torch unimportable; half a pair is named."""
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  src, out = shared_dir / "weights" / "taef2", tmp_path / "taef2_st"
+  conv = subprocess.run([sys.executable, "launch/convert_weights.py", "--kind", "vae", "--src", str(src),
+                         "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert conv.returncode == 0, conv.stderr[-2000:]
+  assert sorted(os.listdir(out)) == ["taef2_decoder.safetensors", "taef2_encoder.safetensors"]
+  x = jnp.asarray(normal_images.load_normal_images(shared_dir / "data" / "brainmri", 64, 3)[0])
+  outs = []
+  for path in (src, out):
+    cfg = V.default_config()
+    cfg.path = str(path)
+    codec = V.codec(V.load_vae(cfg))
+    z = codec.encode(codec.state, x)
+    outs.append((np.asarray(z), np.asarray(codec.decode(codec.state, z))))
+  np.testing.assert_array_equal(outs[0][0], outs[1][0])
+  np.testing.assert_array_equal(outs[0][1], outs[1][1])
+  np.save(tmp_path / "x.npy", np.asarray(x))
+  import shutil
+  for n in ("taef2_encoder.pth", "taef2_decoder.pth"):  # both formats: the safetensors win (torch blocked below)
+    shutil.copy(src / n, out / n)
+  script = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, jax.numpy as jnp\n"
+            "from mediclip_jax.models import vae as V\n"
+            f"cfg = V.default_config(); cfg.path = {str(out)!r}\n"
+            "codec = V.codec(V.load_vae(cfg))\n"
+            f"z = codec.encode(codec.state, jnp.asarray(np.load({str(tmp_path / 'x.npy')!r})))\n"
+            f"np.save({str(tmp_path / 'z.npy')!r}, np.asarray(z))\n"
+            "assert sys.modules['torch'] is None\n")
+  run = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  np.testing.assert_array_equal(np.load(tmp_path / "z.npy"), outs[0][0])
+  blocked = subprocess.run([sys.executable, "-c", script.replace(str(out), str(src))], cwd=repo,
+                           capture_output=True, text=True, timeout=300)
+  assert blocked.returncode != 0  # the .pth pair does need torch: the block above is effective
+  half = tmp_path / "half"
+  half.mkdir()
+  shutil.copy(out / "taef2_encoder.safetensors", half)
+  cfg = V.default_config()
+  cfg.path = str(half)
+  with pytest.raises(CheckpointError) as e:
+    V.load_vae(cfg)
+  assert str(half) in str(e.value) and "taef2_decoder.safetensors" in str(e.value)

@@ -7,7 +7,7 @@ check every tensor's presence and shape against the model (io.check_tensors), tr
 kernels, and update the model. Sources: diffusers directories (config.json +
 diffusion_pytorch_model.safetensors/.bin), single safetensors/.ckpt/.pth/.bin files in
 the diffusers or CompVis/LDM layout (MedVAE: LoRA merged, stage-2 head dropped), TAEF2
-directories (fp16 .pth, upcast to fp32).
+directories (fp16 .pth, or the .safetensors pair written by write_taef2_safetensors; upcast to fp32).
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mediclip_jax.weights.io import CheckpointError, check_tensors, read_tensors
+from mediclip_jax.weights.io import CheckpointError, check_tensors, read_tensors, write_safetensors
 
 TAEF2_FILES = ("taef2_encoder.pth", "taef2_decoder.pth")
+TAEF2_SAFETENSORS = ("taef2_encoder.safetensors", "taef2_decoder.safetensors")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # LDM/MedVAE checkpoint parts that are not the autoencoder (training losses, EMA, MedVAE stage-2 head).
 IGNORED_PREFIXES = ("loss.", "model_ema.", "channel_ds.", "channel_proj.", "lpips.")
@@ -77,19 +78,40 @@ def assign_torch_state(model: nnx.Module, tensors: Mapping[str, np.ndarray], sou
 # ----------------------------------------------------------------------------------------
 
 def read_taef2(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads taef2_{encoder,decoder}.pth from `directory` into `encoder.layers.*`/`decoder.layers.*` keys."""
+  """Reads a TAEF2 directory into `encoder.layers.*`/`decoder.layers.*` keys.
+
+  The safetensors pair (read with numpy, no torch) is preferred over the .pth pair when both exist.
+  """
   directory = os.fspath(directory)
+  expected = f"{' and '.join(TAEF2_SAFETENSORS)} (or {' and '.join(TAEF2_FILES)})"
   if not os.path.isdir(directory):
-    raise CheckpointError(f"{directory}: vae.path for kind 'taef2' must be a directory holding "
-                          f"{' and '.join(TAEF2_FILES)}")
+    raise CheckpointError(f"{directory}: vae.path for kind 'taef2' must be a directory holding {expected}")
+  for names in (TAEF2_SAFETENSORS, TAEF2_FILES):
+    if all(os.path.isfile(os.path.join(directory, n)) for n in names):
+      break
+  else:
+    present = sorted(n for n in TAEF2_SAFETENSORS + TAEF2_FILES if os.path.isfile(os.path.join(directory, n)))
+    raise CheckpointError(f"{directory}: missing TAEF2 weights; expected {expected}, found "
+                          f"{', '.join(present) or 'none of them'}")
   out: dict[str, np.ndarray] = {}
-  for part, name in zip(("encoder", "decoder"), TAEF2_FILES):
-    f = os.path.join(directory, name)
-    if not os.path.isfile(f):
-      raise CheckpointError(f"{f}: missing TAEF2 {part} weights (expected {' and '.join(TAEF2_FILES)} in {directory})")
-    for k, v in read_tensors(f).items():
+  for part, name in zip(("encoder", "decoder"), names):
+    for k, v in read_tensors(os.path.join(directory, name)).items():
       out[f"{part}.layers.{k}"] = v
   return out
+
+
+def write_taef2_safetensors(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Writes the TAEF2 directory `src` as taef2_{encoder,decoder}.safetensors in `out` (dtypes kept).
+
+  Returns the tensors written, keyed as read_taef2 returns them.
+  """
+  tensors = read_taef2(src)
+  os.makedirs(out, exist_ok=True)
+  for part, name in zip(("encoder", "decoder"), TAEF2_SAFETENSORS):
+    prefix = f"{part}.layers."
+    write_safetensors(os.path.join(out, name), {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                      metadata={"format": "mediclip_jax.taef2", "source": os.path.basename(os.path.normpath(src))})
+  return tensors
 
 
 # ----------------------------------------------------------------------------------------
