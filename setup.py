@@ -20,6 +20,7 @@ setup(
         "regex",  # \p{L}/\p{N} classes of the CLIP pre-tokenizer
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "tqdm",  # training progress bar
+        "matplotlib",  # colour maps and ROC/PR/histogram figures (evaluate/figures.py, Agg backend)
     ],
     extras_require={
         # Reference implementations for parity tests; torch pinned to the CPU build that is available offline.

@@ -1,11 +1,14 @@
-"""Scores new images with a trained run: anomaly score, decision at the stored threshold, heat-map overlay.
+"""Scores new images with a trained run: anomaly score, decision at the stored threshold, a panel that explains it.
 
   python launch/predict.py --workdir runs/busi --input ../shared/data/busi/images/test/abnormal/benign_10.jpg
   python launch/predict.py --workdir runs/busi --input some/folder/ --out predictions/
   python launch/predict.py --workdir runs/busi --input batch.npy      # (N,H,W) or (H,W) grayscale in [0,1]
+  python launch/predict.py --workdir runs/busi --input img.jpg --mask img_mask.jpg   # with ground truth
 
-Writes <out>/<name>_overlay.png (image | map | overlay) and <out>/predictions.json. Any method
-works: the run's stored config names it; no dataset is needed.
+Writes <out>/<stem>_panel.png per image (mediclip_jax.evaluate.figures.anomaly_panel: image | ground truth |
+map on the fixed 0-1 scale with colour bar | map > threshold | overlay, at the file's own resolution, with
+score, threshold and decision; inputs sharing a stem, a.png and a.jpg, keep their suffix: a_png_panel.png)
+and <out>/predictions.json. Any method works: the run's stored config names it; no dataset is needed.
 """
 from __future__ import annotations
 
@@ -19,18 +22,20 @@ from PIL import Image
 
 from data_pipelines import preprocess
 from mediclip_jax import parallel
-from mediclip_jax.evaluate import restore, scoring
+from mediclip_jax.evaluate import figures, restore, scoring
 from mediclip_jax.train import writers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run directory.")
 _INPUT = flags.DEFINE_string("input", None, "An image, a folder of images, or a .npy array.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/predictions).")
 _THRESHOLD = flags.DEFINE_float("threshold", None, "Override the checkpoint's decision threshold.")
+_MASK = flags.DEFINE_string("mask", None, "Ground-truth mask of a single input image, shown in its panel.")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def _inputs(path: str, size: int, color: str) -> tuple[list[str], np.ndarray]:
+def _inputs(path: str, size: int, color: str) -> tuple[list[str], list[str | None], np.ndarray]:
+  """(names, source files (None for .npy rows), images at model resolution)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such image, folder or .npy file")
   if path.endswith(".npy"):
@@ -45,7 +50,7 @@ def _inputs(path: str, size: int, color: str) -> tuple[list[str], np.ndarray]:
       arr = np.stack([np.asarray(Image.fromarray((a * 255).round().astype(np.uint8)).resize(
           (size, size), Image.BILINEAR), np.float32) / 255 for a in arr])
     stem = os.path.splitext(os.path.basename(path))[0]
-    return [f"{stem}_{i}" for i in range(len(arr))], arr
+    return [f"{stem}_{i}" for i in range(len(arr))], [None] * len(arr), arr
   files = [path] if os.path.isfile(path) else sorted(
       os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
   if not files:
@@ -53,24 +58,30 @@ def _inputs(path: str, size: int, color: str) -> tuple[list[str], np.ndarray]:
   bad = [f for f in files if not f.lower().endswith(IMAGE_SUFFIXES)]
   if bad:
     raise ValueError(f"{bad[0]}: not an image file; expected one of {IMAGE_SUFFIXES} or a .npy array")
-  return [os.path.splitext(os.path.basename(f))[0] for f in files], np.stack(
+  return [os.path.basename(f) for f in files], files, np.stack(
       [preprocess.load_test_image(f, size, color) for f in files])
 
 
-def overlay_png(image: np.ndarray, amap: np.ndarray, path: str) -> None:
-  """Writes image | map (jet) | overlay side by side as a PNG."""
-  def jet(x):
-    x = np.clip(x, 0, 1)
-    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
-    return np.stack([r, g, b], -1)
-  lo, hi = float(amap.min()), float(amap.max())
-  heat = jet((amap - lo) / (hi - lo + 1e-8))
-  gray = np.repeat(image[..., None], 3, -1)
-  over = 0.55 * gray + 0.45 * heat
-  strip = np.concatenate([gray, heat, over], axis=1)
-  Image.fromarray((np.clip(strip, 0, 1) * 255).round().astype(np.uint8)).save(path)
+def _out_names(names: list[str]) -> list[str]:
+  """Output stems that never collide: a stem shared by several inputs (a.png, a.jpg) keeps its suffix."""
+  stems = [os.path.splitext(n)[0] for n in names]
+  out = [s if stems.count(s) == 1 else n.replace(".", "_") for n, s in zip(names, stems)]
+  taken: set[str] = set()
+  for i, o in enumerate(out):  # still equal (a.png beside a_png.jpg): number the later ones
+    c, k = o, 2
+    while c in taken or (c != o and c in out):
+      c, k = f"{o}_{k}", k + 1
+    out[i] = c
+    taken.add(c)
+  return out
+
+
+def _original(path: str | None, color: str) -> np.ndarray | None:
+  """The file's own pixels (grey or RGB as the model reads it), for a panel at the original resolution."""
+  if path is None:
+    return None
+  im = Image.open(path).convert("RGB")
+  return np.asarray(im.convert("L") if color == "grey" else im)
 
 
 def main(argv) -> int:
@@ -80,8 +91,12 @@ def main(argv) -> int:
   try:
     run = restore.load_run(_WORKDIR.value, mesh)
     cfg = run.config
-    names, images = _inputs(_INPUT.value, int(cfg.data.image_size), cfg.data.color)
-  except (FileNotFoundError, ValueError) as e:
+    names, files, images = _inputs(_INPUT.value, int(cfg.data.image_size), cfg.data.color)
+    if _MASK.value and len(names) != 1:
+      raise ValueError(f"--mask goes with a single input image; {_INPUT.value} holds {len(names)}")
+    # Any non-zero pixel is lesion (the reference's rule, as data_pipelines.preprocess.load_mask).
+    mask = np.asarray(Image.open(_MASK.value).convert("L")) != 0 if _MASK.value else None
+  except (FileNotFoundError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   thr = float(run.metadata["threshold"]) if _THRESHOLD.value is None else _THRESHOLD.value
@@ -89,12 +104,14 @@ def main(argv) -> int:
   out = _OUT.value or os.path.join(_WORKDIR.value, "predictions")
   os.makedirs(out, exist_ok=True)
   records = []
-  for name, img, m, s in zip(names, images, maps, scores):
-    png = os.path.join(out, f"{name}_overlay.png")
-    overlay_png(img if img.ndim == 2 else img.mean(-1), m, png)
-    rec = {"name": name, "score": float(s), "threshold": thr, "abnormal": bool(s > thr), "overlay": png}
+  for name, stem, file, img, m, s in zip(names, _out_names(names), files, images, maps, scores):
+    png = os.path.join(out, f"{stem}_panel.png")
+    figures.write_panel(png, img, m, thr, float(s), mask=mask, name=name,
+                        original=_original(file, cfg.data.color))
+    rec = {"name": name, "file": file, "score": float(s), "threshold": thr, "abnormal": bool(s > thr),
+           "panel": png}
     records.append(rec)
-    print(f"{name}: score {s:.4f} -> {'ABNORMAL' if s > thr else 'normal'} (threshold {thr:.4f}); overlay {png}")
+    print(f"{name}: score {s:.4f} -> {'ABNORMAL' if s > thr else 'normal'} (threshold {thr:.4f}); panel {png}")
   with open(os.path.join(out, "predictions.json"), "w") as f:
     json.dump(records, f, indent=2)
   return 0

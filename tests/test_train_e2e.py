@@ -142,9 +142,12 @@ def test_predict_writes_overlay_for_a_busi_image(uninterrupted, shared_dir, tmp_
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "score" in proc.stdout and "threshold" in proc.stdout
   rec = json.loads((tmp_path / "predictions.json").read_text())[0]
-  assert 0 <= rec["score"] <= 1 and Path(rec["overlay"]).stat().st_size > 1000
+  assert 0 <= rec["score"] <= 1 and Path(rec["panel"]).stat().st_size > 1000
   from PIL import Image
-  assert Image.open(rec["overlay"]).size == (3 * 64, 64)
+  from mediclip_jax.evaluate import figures
+  w, h = Image.open(image).size  # the panel is drawn at the file's own resolution, not the model's 64
+  lay = figures.panel_layout(h, w, with_mask=False)
+  assert Image.open(rec["panel"]).size == (lay.total_width, lay.header + h)
 
 
 def test_evaluate_reproduces_the_run_and_writes_only_where_told(uninterrupted, tmp_path):
