@@ -33,6 +33,7 @@ from mediclip_jax.synthesis import latent, mix
 from mediclip_jax.weights.tokenizer import tokenizer_for
 
 NAME = "mediclip"
+DEFAULT_VARIANT = "ViT-L-14"  # the reference's backbone: what random init builds; not checked against a checkpoint
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -47,7 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.support_file = ml_collections.FieldReference(None, field_type=str)  # fixed support set (JSON)
   c.model = ml_collections.ConfigDict()
   c.model.clip = ml_collections.ConfigDict({
-      "variant": ml_collections.FieldReference("ViT-L-14", field_type=str),  # None: the checkpoint's own architecture
+      # None: the checkpoint's own architecture; with a checkpoint the default is not checked (backbone_section)
+      "variant": ml_collections.FieldReference(DEFAULT_VARIANT, field_type=str),
       "checkpoint": ml_collections.FieldReference(None, field_type=str),  # None = random init
       "act": ml_collections.FieldReference(None, field_type=str),         # quick_gelu | gelu; None = the checkpoint's
       "tap_layers": (12, 18, 24),   # 1-based blocks whose residual stream feeds the adapters
@@ -96,9 +98,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # Model, optimiser, step
 # ----------------------------------------------------------------------------------------------
 
+def backbone_section(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`model.clip` as the backbone is built from it: with a checkpoint, variant DEFAULT_VARIANT becomes None.
+
+  The default names the reference's architecture for random init; a checkpoint brings its own, so
+  the README's convert -> train commands work for any ViT. Any other variant is still checked
+  (an explicit ViT-L-14 cannot be told from the default; the console names the architecture built).
+  """
+  if not c.checkpoint or c.variant != DEFAULT_VARIANT:
+    return c
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.variant = None
+  return c
+
+
 def build_detector(config: ml_collections.ConfigDict) -> MediCLIP:
   """The detector: backbone from `model.clip`, prompts and adapters initialised from the "init" stream."""
-  clip = clip_from_config(config.model.clip)
+  clip = clip_from_config(backbone_section(config.model.clip))
   tok = tokenizer_for(config.model.clip.checkpoint, config.model.bpe_path)
   return MediCLIP(clip, tok, tap_layers=tuple(config.model.clip.tap_layers), n_ctx=config.model.n_ctx,
                   ctx_init_std=config.model.ctx_init_std, causal_text_mask=config.model.causal_text_mask,
