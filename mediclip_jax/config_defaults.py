@@ -14,20 +14,10 @@ from mediclip_jax.models import vae as vae_lib
 from mediclip_jax.models.clip import get_variant
 from mediclip_jax.synthesis import latent
 
-# MediCLIP taps the residual stream after blocks 12, 18, 24 of ViT-L/14 (1-based). For other depths
-# we keep the same relative depths: half, three quarters and the last block.
-REFERENCE_TAPS = {"ViT-L-14": (12, 18, 24), "ViT-L-14-336": (12, 18, 24)}
 PRESETS = ("reference", "improved")
 LATENT_MIX = {"cutpaste": 0.2, "gauss_intensity": 0.2, "deformation": 0.2, "identity": 0.2,
               "latent_deviation": 0.1, "latent_shuffle": 0.1}
 BENCH_MODES = ("fused", "host", "synthetic")
-
-
-def default_taps(variant: str) -> tuple[int, ...]:
-  if variant in REFERENCE_TAPS:
-    return REFERENCE_TAPS[variant]
-  n = get_variant(variant).vision_layers
-  return tuple(sorted({max(1, n // 2), max(1, 3 * n // 4), n}))
 
 
 def loop_config() -> ml_collections.ConfigDict:
@@ -96,11 +86,16 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
   c.eval.every_epochs = 1 if ref else 10
 
 
-def mediclip_config(preset: str = "reference", variant: str = "ViT-L-14") -> ml_collections.ConfigDict:
-  """A MediCLIP run config with the reference's defaults (ViT-L/14 @ 224, k = 16, 200 epochs) and a preset."""
+def mediclip_config(preset: str = "reference", variant: str | None = None) -> ml_collections.ConfigDict:
+  """A MediCLIP run config with the reference's defaults (ViT-L/14 @ 224, k = 16, 200 epochs) and a preset.
+
+  `variant` names the CLIP architecture (checked against a checkpoint when one is given); None means the
+  checkpoint's own, or ViT-L/14 at random init. Taps default to half, three quarters and the last block.
+  """
   c = run_config("mediclip")
-  c.model.clip.variant = variant
-  c.model.clip.tap_layers = default_taps(variant)
+  if variant is not None:
+    get_variant(variant)  # an unknown name fails here, naming the known ones
+    c.model.clip.variant = variant
   apply_preset(c, preset)
   return c
 
@@ -127,7 +122,7 @@ def experiment_config(default_root: str, arg: str | None) -> ml_collections.Conf
   phantom chest data), tiny (tiny random CLIP at 112 px, 20 epochs: a CPU smoke run), latent
   (mix latent tasks in: 0.2 per pixel task, 0.1 per latent task, TAEF2 from vae_path).
   """
-  a = parse_arg(arg, preset="reference", variant="ViT-L-14", shot=16, phantom=False, tiny=False, latent=False,
+  a = parse_arg(arg, preset="reference", variant=None, shot=16, phantom=False, tiny=False, latent=False,
                 vae_path="../shared/weights/taef2")
   c = mediclip_config(a.preset, "tiny" if a.tiny else a.variant)
   c.data.root = None if a.phantom else default_root

@@ -14,6 +14,7 @@ import pytest
 from mediclip_jax import config_defaults, methods
 from mediclip_jax.config_utils import parse_arg
 from mediclip_jax.models.clip import VARIANTS, clip_from_config, get_variant, load_clip
+from mediclip_jax.methods import mediclip as mediclip_method
 from mediclip_jax.train import loop
 from tests.conftest import REPO
 
@@ -45,14 +46,22 @@ def test_variants_selectable_by_name(variant, width, layers, patch, taps):
   c = load_config("brainmri", f"variant={variant}").model.clip
   arch = get_variant(c.variant)
   assert (arch.vision_width, arch.vision_layers, arch.patch_size) == (width, layers, patch)
-  assert tuple(c.tap_layers) == taps
+  assert tuple(c.tap_layers) == () and mediclip_method.default_taps(arch.vision_layers) == taps  # derived
   assert get_variant(variant.replace("-", "/", 1)) == arch  # "ViT-L/14" spelling works too
 
 
 def test_tiny_config_builds_a_model():
   c = load_config("chestxray", "phantom,tiny").model.clip
   model = clip_from_config(c)
-  assert model.cfg == VARIANTS["tiny"] and len(model.visual.blocks) == max(c.tap_layers)
+  assert model.cfg == VARIANTS["tiny"] and mediclip_method.default_taps(len(model.visual.blocks)) == (2, 3, 4)
+
+
+def test_without_a_name_or_checkpoint_the_backbone_is_the_reference_vit_l14():
+  c = load_config("busi").model.clip
+  assert c.variant is None and c.checkpoint is None
+  assert mediclip_method.backbone_section(c).variant == "ViT-L-14"
+  c.checkpoint = "ckpt/x"  # with a checkpoint the unnamed variant stays unset: its own architecture is used
+  assert mediclip_method.backbone_section(c).variant is None
 
 
 def test_bad_config_arguments_are_named():

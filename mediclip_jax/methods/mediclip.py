@@ -33,7 +33,7 @@ from mediclip_jax.synthesis import latent, mix
 from mediclip_jax.weights.tokenizer import tokenizer_for
 
 NAME = "mediclip"
-DEFAULT_VARIANT = "ViT-L-14"  # the reference's backbone: what random init builds; not checked against a checkpoint
+RANDOM_INIT_VARIANT = "ViT-L-14"  # the reference's backbone: what random init builds when no variant is named
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -48,11 +48,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.support_file = ml_collections.FieldReference(None, field_type=str)  # fixed support set (JSON)
   c.model = ml_collections.ConfigDict()
   c.model.clip = ml_collections.ConfigDict({
-      # None: the checkpoint's own architecture; with a checkpoint the default is not checked (backbone_section)
-      "variant": ml_collections.FieldReference(DEFAULT_VARIANT, field_type=str),
+      # A named architecture (ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, tiny): built at random init, or checked
+      # against the checkpoint. None: the checkpoint's own architecture, or ViT-L-14 without a checkpoint.
+      "variant": ml_collections.FieldReference(None, field_type=str),
       "checkpoint": ml_collections.FieldReference(None, field_type=str),  # None = random init
       "act": ml_collections.FieldReference(None, field_type=str),         # quick_gelu | gelu; None = the checkpoint's
-      "tap_layers": (12, 18, 24),   # 1-based blocks whose residual stream feeds the adapters
+      # 1-based blocks whose residual stream feeds the adapters; () = half, three quarters and the last block of
+      # the backbone (12, 18, 24 for ViT-L/14, as the reference)
+      "tap_layers": (),
       "dtype": "float32",           # compute dtype: float32 | bfloat16; parameters stay float32
       "random_init_seed": 0,        # backbone init without a checkpoint
   })
@@ -98,18 +101,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # Model, optimiser, step
 # ----------------------------------------------------------------------------------------------
 
-def backbone_section(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`model.clip` as the backbone is built from it: with a checkpoint, variant DEFAULT_VARIANT becomes None.
+def default_taps(n_layers: int) -> tuple[int, ...]:
+  """Half, three quarters and the last block: the reference's (12, 18, 24) for a 24-block ViT-L/14."""
+  return tuple(sorted({max(1, n_layers // 2), max(1, 3 * n_layers // 4), n_layers}))
 
-  The default names the reference's architecture for random init; a checkpoint brings its own, so
-  the README's convert -> train commands work for any ViT. Any other variant is still checked
-  (an explicit ViT-L-14 cannot be told from the default; the console names the architecture built).
-  """
-  if not c.checkpoint or c.variant != DEFAULT_VARIANT:
+
+def backbone_section(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`model.clip` with the variant resolved: without a checkpoint and a name, the reference's ViT-L/14."""
+  if c.variant or c.checkpoint:
     return c
   c = c.copy_and_resolve_references()
   with c.unlocked():
-    c.variant = None
+    c.variant = RANDOM_INIT_VARIANT
   return c
 
 
@@ -117,7 +120,8 @@ def build_detector(config: ml_collections.ConfigDict) -> MediCLIP:
   """The detector: backbone from `model.clip`, prompts and adapters initialised from the "init" stream."""
   clip = clip_from_config(backbone_section(config.model.clip))
   tok = tokenizer_for(config.model.clip.checkpoint, config.model.bpe_path)
-  return MediCLIP(clip, tok, tap_layers=tuple(config.model.clip.tap_layers), n_ctx=config.model.n_ctx,
+  taps = tuple(config.model.clip.tap_layers) or default_taps(clip.cfg.vision_layers)
+  return MediCLIP(clip, tok, tap_layers=taps, n_ctx=config.model.n_ctx,
                   ctx_init_std=config.model.ctx_init_std, causal_text_mask=config.model.causal_text_mask,
                   logit_scale=config.model.logit_scale, rngs=nnx.Rngs(rngs.stream(config.seed, rngs.INIT)))
 
@@ -300,7 +304,7 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
   clip_cfg = config.model.clip
   arch = model.clip.cfg
   backbone = (f"backbone: CLIP ViT {arch.vision_width}w x {arch.vision_layers} layers, patch {arch.patch_size}, "
-              f"taps {tuple(config.model.clip.tap_layers)}, {clip_cfg.dtype}; weights: ")
+              f"taps {model.tap_layers}, {clip_cfg.dtype}; weights: ")
   notes = [backbone + (clip_cfg.checkpoint or "NONE")]
   if not clip_cfg.checkpoint:
     notes.append("WARNING: the CLIP backbone is randomly initialised (no model.clip.checkpoint): the numbers test the "

@@ -335,7 +335,7 @@ def check_variant(cfg: CLIPConfig, variant: str, source: str) -> None:
           for f in VARIANT_FIELDS if getattr(expected, f) != getattr(cfg, f)]
   if diff:
     raise CheckpointError(f"{source}: does not match model.clip.variant={variant!r} ({'; '.join(diff)}); "
-                          "set model.clip.variant=None to take the checkpoint's architecture")
+                          "leave model.clip.variant unset (its default) to take the checkpoint's architecture")
 
 
 def clip_from_config(c) -> CLIP:

@@ -417,7 +417,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.kind = KIND_TAEF2          # "taef2" | "autoencoder_kl"
-  c.path = ml_collections.config_dict.placeholder(str)  # taef2: dir with taef2_{encoder,decoder}.pth
+  c.path = ml_collections.config_dict.placeholder(str)  # taef2: dir with taef2_{encoder,decoder}.safetensors or .pth
   c.dtype = "float32"          # compute dtype ("bfloat16" for bf16 compute); params stay float32
   c.seed = 0                   # random-init seed
   # TAEF2 random init
