@@ -55,10 +55,13 @@ import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax
 import jax
 import jax.extend as jex
+import jaxlib
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
@@ -140,9 +143,6 @@ def _optional_version(module: str) -> str | None:
 
 
 def _versions() -> dict:
-  import flax  # pylint: disable=import-outside-toplevel
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "numpy": np.__version__, "opencv": _optional_version("cv2"), "scipy": _optional_version("scipy"),
           "python": platform.python_version(), "platform": platform.platform()}

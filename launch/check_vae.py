@@ -22,6 +22,7 @@ from flax import nnx
 from data_pipelines import normal_images
 from mediclip_jax.evaluate.image_quality import psnr, ssim
 from mediclip_jax.models import vae as V
+from mediclip_jax.models.clip import clip_normalize, load_clip
 from mediclip_jax.weights.io import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,6 @@ def make_round_trip(vae):
 
 def make_clip_cosine(path: str):
   """Cosine similarity of the CLIP image embeddings of x and D(E(x)) (CLIP read by models.clip.load_clip)."""
-  from mediclip_jax.models.clip import clip_normalize, load_clip  # pylint: disable=import-outside-toplevel
   clip = load_clip(path)
   size = clip.cfg.image_size
   graphdef, state = nnx.split(clip)
