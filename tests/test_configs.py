@@ -11,7 +11,7 @@ import sys
 import ml_collections
 import pytest
 
-from mediclip_jax import config_defaults, methods
+from mediclip_jax import methods
 from mediclip_jax.config_utils import parse_arg
 from mediclip_jax.models.clip import VARIANTS, clip_from_config, get_variant, load_clip
 from mediclip_jax.methods import mediclip as mediclip_method
@@ -264,7 +264,6 @@ def test_every_field_of_every_shipped_config_is_read(tmp_path, monkeypatch, shar
     c.synthesis.latent.patch_probs = (0.4, 0.3, 0.3)
   latent.data.root = str(shared_dir / "data" / "brainmri")
   latent.data.pixel_metrics = "off"
-  kl = load_config("bench_tiny", "latent")
   with rec.installed(monkeypatch):
     for i, c in enumerate((phantom, latent)):
       rec.register(c)
@@ -287,4 +286,3 @@ def test_every_field_of_every_shipped_config_is_read(tmp_path, monkeypatch, shar
         continue
       unread.append(p)
     assert not unread, f"configs/{name}.py has fields nothing reads: {unread}"
-  del kl

@@ -36,7 +36,6 @@ def _restore(workdir: Path):
   from mediclip_jax import parallel
   from mediclip_jax.evaluate import restore
   mesh = parallel.make_mesh()
-  config, _ = restore.stored_config(str(workdir))
   return restore.load_run(str(workdir), mesh, dataset=datasets.load_dataset(workdir / "phantom_data")), mesh
 
 

@@ -165,7 +165,7 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
   metrics_log = writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if main else None
   tb = writers.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if main else None
 
-  def evaluate(step: int) -> dict:
+  def evaluate() -> dict:
     return scoring.evaluate_share(trainable.scorer(state), test, all_masks, config.eval, mesh)
 
   def report(step: int, res: dict) -> None:
@@ -187,7 +187,7 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
   final = {}
   t_start = time.perf_counter()
   if not start:  # the baseline every results table carries: same config, zero steps
-    untrained = evaluate(0)
+    untrained = evaluate()
     report(0, untrained)
   progress.compiling()
   step = start
@@ -210,7 +210,7 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
         tb.scalars(step, {k: v for k, v in rec.items() if k.startswith("train/")})
     progress.update(step, f"loss {m['loss']:.4f}" if logged else "")
     if step % eval_every == 0 or step == total:
-      res = evaluate(step)
+      res = evaluate()
       if best["score"] is None or res[select_key] > best["score"]:
         best = {"score": res[select_key], "epoch": step // spe, "metrics": res}
       report(step, res)
@@ -224,7 +224,7 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
   ckpt.close()
   progress.close()
   if not final:  # resumed at the last step: evaluate what was restored
-    final = evaluate(total)
+    final = evaluate()
   if dump_params:
     _dump_params(state, os.path.join(workdir, f"params_process{jax.process_index()}.npz"))
   results = {"untrained": untrained, "last_epoch": final, BEST: best, "steps": total,
