@@ -5,30 +5,35 @@
   python launch/predict.py --workdir runs/busi --input batch.npy      # (N,H,W) or (H,W) grayscale in [0,1]
   python launch/predict.py --workdir runs/busi --input img.jpg --mask img_mask.jpg   # with ground truth
 
-Writes <out>/<stem>_panel.png per image (mediclip_jax.evaluate.figures.anomaly_panel: image | ground truth |
-map on the fixed 0-1 scale with colour bar | map > threshold | overlay, at the file's own resolution, with
-score, threshold and decision; inputs sharing a stem, a.png and a.jpg, keep their suffix: a_png_panel.png)
+Scores are normalised (mediclip_jax.evaluate.normalization): 0.5 is the decision threshold, typical
+normal tissue of the support images reads 0; the raw score is kept beside it. Writes
+<out>/<stem>_panel.png per image (mediclip_jax.evaluate.figures.anomaly_panel: image | ground truth |
+normalised map on the fixed 0-1 scale with colour bar | map > 0.5 | overlay, at the file's own resolution,
+with score and decision; inputs sharing a stem, a.png and a.jpg, keep their suffix: a_png_panel.png)
 and <out>/predictions.json. Any method works: the run's stored config names it; no dataset is needed.
+JAX is imported only to load the run (this module's top level needs numpy, PIL, matplotlib, absl, tqdm).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
 from data_pipelines import preprocess
-from mediclip_jax import parallel
-from mediclip_jax.evaluate import figures, restore, scoring
+from mediclip_jax.evaluate import figures
+from mediclip_jax.evaluate.normalization import Normalization
 from mediclip_jax.train import writers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run directory.")
 _INPUT = flags.DEFINE_string("input", None, "An image, a folder of images, or a .npy array.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/predictions).")
-_THRESHOLD = flags.DEFINE_float("threshold", None, "Override the checkpoint's decision threshold.")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "Override the checkpoint's decision threshold (raw scale).")
 _MASK = flags.DEFINE_string("mask", None, "Ground-truth mask of a single input image, shown in its panel.")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -84,14 +89,43 @@ def _original(path: str | None, color: str) -> np.ndarray | None:
   return np.asarray(im.convert("L") if color == "grey" else im)
 
 
+@dataclasses.dataclass
+class Model:
+  """What scoring needs of a trained detector, however it is run."""
+  image_size: int
+  color: str  # "grey" | "rgb": how images are read
+  batch_size: int
+  normalization: Normalization
+  score: Callable[..., tuple[np.ndarray, np.ndarray]]  # (images, progress) -> raw (maps, scores)
+
+
+def jax_model(workdir: str) -> Model:
+  """The run's latest checkpoint, rebuilt with JAX on every local device."""
+  # pylint: disable=import-outside-toplevel
+  from mediclip_jax import parallel
+  from mediclip_jax.evaluate import restore, scoring
+  mesh = parallel.make_mesh()
+  run = restore.load_run(workdir, mesh)
+  cfg = run.config
+  if "normalization" not in run.metadata:
+    raise ValueError(f"{workdir}: checkpoint step {run.step} has no score normalisation (written by an older "
+                     "version); retrain, or re-save it with this version")
+  scorer = run.trainable.scorer(run.state)
+  return Model(int(cfg.data.image_size), cfg.data.color, int(cfg.eval.batch_size),
+               Normalization.from_dict(run.metadata["normalization"], f"{workdir} step {run.step}"),
+               lambda images, progress: scoring.score_share(scorer, images, int(cfg.eval.batch_size), mesh,
+                                                            progress))
+
+
 def main(argv) -> int:
   del argv
   writers.configure_logging(flags.FLAGS.verbosity)
-  mesh = parallel.make_mesh()
   try:
-    run = restore.load_run(_WORKDIR.value, mesh)
-    cfg = run.config
-    names, files, images = _inputs(_INPUT.value, int(cfg.data.image_size), cfg.data.color)
+    model = jax_model(_WORKDIR.value)
+    norm = model.normalization
+    if _THRESHOLD.value is not None:
+      norm = Normalization(norm.low, _THRESHOLD.value)
+    names, files, images = _inputs(_INPUT.value, model.image_size, model.color)
     if _MASK.value and len(names) != 1:
       raise ValueError(f"--mask goes with a single input image; {_INPUT.value} holds {len(names)}")
     # Any non-zero pixel is lesion (the reference's rule, as data_pipelines.preprocess.load_mask).
@@ -99,21 +133,25 @@ def main(argv) -> int:
   except (FileNotFoundError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  thr = float(run.metadata["threshold"]) if _THRESHOLD.value is None else _THRESHOLD.value
-  maps, scores = scoring.score_share(run.trainable.scorer(run.state), images, int(cfg.eval.batch_size), mesh)
+  with writers.count_bar(len(images), "scoring") as bar:
+    maps, scores = model.score(images, bar.update)
   out = _OUT.value or os.path.join(_WORKDIR.value, "predictions")
   os.makedirs(out, exist_ok=True)
   records = []
-  for name, stem, file, img, m, s in zip(names, _out_names(names), files, images, maps, scores):
-    png = os.path.join(out, f"{stem}_panel.png")
-    figures.write_panel(png, img, m, thr, float(s), mask=mask, name=name,
-                        original=_original(file, cfg.data.color))
-    rec = {"name": name, "file": file, "score": float(s), "threshold": thr, "abnormal": bool(s > thr),
-           "panel": png}
-    records.append(rec)
-    print(f"{name}: score {s:.4f} -> {'ABNORMAL' if s > thr else 'normal'} (threshold {thr:.4f}); panel {png}")
+  with writers.count_bar(len(images), "panels") as bar:
+    for name, stem, file, img, m, raw in zip(names, _out_names(names), files, images, maps, scores):
+      png = os.path.join(out, f"{stem}_panel.png")
+      s = float(norm(raw))
+      abnormal = bool(raw > norm.threshold)
+      figures.write_panel(png, img, norm(m), 0.5, s, raw_score=float(raw), mask=mask, name=name,
+                          original=_original(file, model.color))
+      records.append({"name": name, "file": file, "score": s, "raw_score": float(raw),
+                      "threshold": norm.threshold, "abnormal": abnormal, "panel": png})
+      bar.write(f"{name}: score {s:.3f} (raw {float(raw):.4f}) -> {'ABNORMAL' if abnormal else 'normal'}; "
+                f"panel {png}", file=sys.stdout)
+      bar.update(1)
   with open(os.path.join(out, "predictions.json"), "w") as f:
-    json.dump(records, f, indent=2)
+    json.dump({"normalization": norm.to_dict(), "predictions": records}, f, indent=2)
   return 0
 
 

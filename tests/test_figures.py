@@ -93,23 +93,18 @@ def test_roc_pr_hist_writes_curves_with_sklearn_numbers(tmp_path):
 
 
 _FAKE_PREDICT = textwrap.dedent("""
-  import sys, types
+  import sys
   import numpy as np
-  import ml_collections
   from absl import app
   from launch import predict
+  from mediclip_jax.evaluate.normalization import Normalization
 
-  def load_run(workdir, mesh):
-    cfg = ml_collections.ConfigDict({"data": {"image_size": 32, "color": "grey"}, "eval": {"batch_size": 2}})
-    return types.SimpleNamespace(config=cfg, metadata={"threshold": 0.5}, trainable=types.SimpleNamespace(
-        scorer=lambda state: None), state=None)
-
-  def score_share(scorer, images, batch_size, mesh):
+  def score(images, progress):
     maps = np.repeat(images.mean((1, 2))[:, None, None], 32, 1).repeat(32, 2)  # bright image, hot map
+    progress(len(images))
     return maps.astype(np.float32), maps.max((1, 2))
 
-  predict.restore.load_run = load_run
-  predict.scoring.score_share = score_share
+  predict.jax_model = lambda workdir: predict.Model(32, "grey", 2, Normalization(0.0, 0.5), score)
   app.run(lambda argv: sys.exit(predict.main(argv)))
 """)
 
@@ -131,7 +126,9 @@ def test_predict_gives_one_panel_per_file_even_when_stems_collide(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 3 and "a.jpg: score" in lines[0] and "ABNORMAL" in lines[1] and "normal" in lines[2]
-  recs = json.loads((out / "predictions.json").read_text())
+  recs = json.loads((out / "predictions.json").read_text())["predictions"]
+  assert [r["raw_score"] > 0.5 for r in recs] == [False, True, False]
+  assert [r["abnormal"] for r in recs] == [r["score"] > 0.5 for r in recs] == [False, True, False]
   panels = [r["panel"] for r in recs]
   assert len(set(panels)) == 3 and all(os.path.exists(p) for p in panels)
   assert [os.path.basename(p) for p in panels] == ["a_jpg_panel.png", "a_png_panel.png", "b_panel.png"]

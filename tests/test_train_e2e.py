@@ -139,9 +139,13 @@ def test_predict_writes_overlay_for_a_busi_image(uninterrupted, shared_dir, tmp_
                          "--input", str(image), "--out", str(tmp_path)], env=_env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "score" in proc.stdout and "threshold" in proc.stdout
-  rec = json.loads((tmp_path / "predictions.json").read_text())[0]
+  assert "score" in proc.stdout and "raw" in proc.stdout
+  out = json.loads((tmp_path / "predictions.json").read_text())
+  rec, norm = out["predictions"][0], out["normalization"]
   assert 0 <= rec["score"] <= 1 and Path(rec["panel"]).stat().st_size > 1000
+  expected = np.clip(0.5 + 0.5 * (rec["raw_score"] - norm["threshold"]) / (norm["threshold"] - norm["low"]), 0, 1)
+  assert rec["score"] == pytest.approx(expected, abs=1e-6)
+  assert rec["abnormal"] == (rec["raw_score"] > rec["threshold"]) == (rec["score"] > 0.5)
   from PIL import Image
   from mediclip_jax.evaluate import figures
   w, h = Image.open(image).size  # the panel is drawn at the file's own resolution, not the model's 64

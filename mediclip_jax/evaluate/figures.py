@@ -96,15 +96,16 @@ def _edge(m: np.ndarray) -> np.ndarray:
 
 
 def anomaly_panel(image: np.ndarray, amap: np.ndarray, threshold: float, score: float, *,
-                  mask: np.ndarray | None = None, name: str = "", original: np.ndarray | None = None
-                  ) -> np.ndarray:
+                  mask: np.ndarray | None = None, name: str = "", original: np.ndarray | None = None,
+                  raw_score: float | None = None) -> np.ndarray:
   """One image's explanation as an (H', W', 3) uint8 picture.
 
   Columns: image | ground truth (when `mask` is given) | anomaly map on the fixed 0-1 scale with its
   colour bar (threshold marked) | predicted mask (map > threshold) | overlay (map blended on the image,
   predicted region outlined white, ground truth magenta). Above them: name, score, threshold, decision.
   `image` is what the model saw; with `original` (the file's pixels) everything is drawn at the original
-  resolution, the map upsampled bilinearly to it.
+  resolution, the map upsampled bilinearly to it. Callers pass normalised maps and scores
+  (`mediclip_jax.evaluate.normalization`: threshold 0.5) and the `raw_score` to print beside them.
   """
   base = _rgb(original if original is not None else image)
   h, w = base.shape[:2]
@@ -139,8 +140,9 @@ def anomaly_panel(image: np.ndarray, amap: np.ndarray, threshold: float, score: 
   fs = _font_size(h)
   font = ImageFont.load_default(size=fs)
   abnormal = bool(score > threshold)
-  line = (f"{name + ': ' if name else ''}score {score:.4f} {'>' if abnormal else '<='} threshold {threshold:.4f}"
-          f" -> {'ABNORMAL' if abnormal else 'normal'}")
+  raw = "" if raw_score is None else f" (raw {raw_score:.4f})"
+  line = (f"{name + ': ' if name else ''}score {score:.3f}{raw} {'>' if abnormal else '<='} threshold "
+          f"{threshold:.3g} -> {'ABNORMAL' if abnormal else 'normal'}")
   draw.text((2, 2), line, fill=_ABNORMAL_RGB if abnormal else _NORMAL_RGB, font=font)
   titles = {"image": "image", "mask": "ground truth", "map": "map (0-1)", "pred": "map > thr", "overlay": "overlay"}
   for col, title in titles.items():

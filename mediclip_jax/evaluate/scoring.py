@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from data_pipelines import batches
 from mediclip_jax import parallel
 from mediclip_jax.evaluate import metrics as metrics_lib
+from mediclip_jax.evaluate import normalization
 
 BatchScorer = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -71,8 +72,9 @@ def evaluate_share(score_batch: BatchScorer, test, all_masks: np.ndarray | None,
 
 
 def calibrate(score_batch: BatchScorer, images: np.ndarray, batch_size: int, mesh: Mesh,
-              threshold: Callable[[np.ndarray], float]) -> float:
-  """The decision threshold from the scores of normal calibration images (split over processes)."""
+              threshold: Callable[[np.ndarray], float]) -> normalization.Normalization:
+  """The decision threshold and score normalisation from normal calibration images (split over processes)."""
   share, valid = batches.process_eval_indices(images.shape[0])
-  _, s = score_share(score_batch, images[share], batch_size, mesh)
-  return float(threshold(parallel.gather_rows(s, valid)))
+  m, s = score_share(score_batch, images[share], batch_size, mesh)
+  m, s = parallel.gather_rows(m, valid), parallel.gather_rows(s, valid)
+  return normalization.calibrate(m, threshold(s))

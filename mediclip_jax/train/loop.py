@@ -175,9 +175,10 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
       progress.write(writers.eval_line(step, step // spe, shown(res)))
 
   def save(step: int) -> None:
-    threshold = scoring.calibrate(trainable.scorer(state), trainable.calibration_images, config.eval.batch_size,
-                                  mesh, trainable.threshold)
-    meta = {"config": json.loads(config.to_json_best_effort()), "step": int(step), "threshold": threshold,
+    norm = scoring.calibrate(trainable.scorer(state), trainable.calibration_images, config.eval.batch_size,
+                             mesh, trainable.threshold)
+    meta = {"config": json.loads(config.to_json_best_effort()), "step": int(step), "threshold": norm.threshold,
+            "normalization": norm.to_dict(),
             "method": config.method, **trainable.info, "untrained": untrained, "best": best,
             "versions": {"jax": jax.__version__, "python": platform.python_version()}}
     ckpt.save(step, state, json.loads(json.dumps(meta, default=float)), force=True)

@@ -163,6 +163,14 @@ class Progress:
     self._bar.close()
 
 
+def count_bar(total: int, desc: str, enabled: bool = True, stream=sys.stderr) -> tqdm:
+  """A transient progress bar over `total` images (evaluation, prediction): gone once closed, so the
+  console keeps only the result line; redrawn every 0.1 s on a terminal, every 30 s into a log."""
+  tty = hasattr(stream, "isatty") and stream.isatty()
+  return tqdm(total=int(total), desc=desc, file=stream, disable=not enabled, leave=False, unit="img",
+              mininterval=0.1 if tty else 30.0, dynamic_ncols=True)
+
+
 def _fmt(v) -> str:
   return f"{v:.3f}" if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
 
