@@ -7,6 +7,9 @@ MediCLIP layout (the authors' release; BrainMRI, BUSI, CheXpert):
 Plain folder layout:
   root/train/normal, root/test/normal, root/test/abnormal, optional root/test/masks
   (masks matched to abnormal images by file stem, `<stem>` or `<stem>_mask`)
+MVTec AD layout (one object category):
+  root/train/good, root/test/good, root/test/<defect>/ (every other folder is a defect type,
+  its name the sample's class), optional root/ground_truth/<defect>/<stem>_mask.png
 
 Every referenced file is checked to exist; malformed lines and stray files are
 errors, never skipped, so a run never trains or scores on a silently smaller set.
@@ -21,6 +24,7 @@ from pathlib import Path
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MEDICLIP = "mediclip"
 FOLDER = "folder"
+MVTEC = "mvtec"
 
 
 class DatasetError(ValueError):
@@ -60,11 +64,13 @@ def _layout_help(root: Path) -> str:
           f"  (a) MediCLIP: {root / 'samples' / 'train.json'} and {root / 'samples' / 'test.json'} "
           f"(JSON lines, file names relative to {root / 'images'})\n"
           f"  (b) plain folders: {root / 'train' / 'normal'}, {root / 'test' / 'normal'}, "
-          f"{root / 'test' / 'abnormal'} and optionally {root / 'test' / 'masks'}")
+          f"{root / 'test' / 'abnormal'} and optionally {root / 'test' / 'masks'}\n"
+          f"  (c) MVTec AD: {root / 'train' / 'good'}, {root / 'test' / 'good'}, {root / 'test'}/<defect>/ "
+          f"and optionally {root / 'ground_truth'}/<defect>/<stem>_mask.png")
 
 
 def detect_layout(root: str | os.PathLike) -> str:
-  """Returns "mediclip" or "folder"; raises DatasetError naming the expected paths."""
+  """Returns "mediclip", "folder" or "mvtec"; raises DatasetError naming the expected paths."""
   root = Path(root)
   if not root.is_dir():
     raise DatasetError(f"dataset root {root} is not a directory; {_layout_help(root)}")
@@ -72,6 +78,8 @@ def detect_layout(root: str | os.PathLike) -> str:
     return MEDICLIP
   if all((root / d).is_dir() for d in ("train/normal", "test/normal", "test/abnormal")):
     return FOLDER
+  if (root / "train" / "good").is_dir() and (root / "test" / "good").is_dir():
+    return MVTEC
   raise DatasetError(f"{root} matches neither dataset layout; {_layout_help(root)}")
 
 
@@ -171,7 +179,43 @@ def read_folder(root: str | os.PathLike) -> Dataset:
   return Dataset(root=str(root), layout=FOLDER, train=tuple(train), test=tuple(test))
 
 
+def read_mvtec(root: str | os.PathLike) -> Dataset:
+  """Reads root/{train/good, test/good, test/<defect>/, [ground_truth/<defect>/<stem>_mask.*]}."""
+  root = Path(root)
+  rel = lambda p: p.relative_to(root).as_posix()
+  train = [Sample(str(p), rel(p), 0, "good") for p in _list_images(root / "train" / "good")]
+  if not train:
+    raise DatasetError(f"{root / 'train' / 'good'}: no images")
+  stray = sorted(p.name for p in (root / "train").iterdir() if p.name != "good" and not p.name.startswith("."))
+  if stray:
+    raise DatasetError(f"{root / 'train'}: holds {stray[:5]} besides good/ (the train split is normal images only)")
+  test = [Sample(str(p), rel(p), 0, "good") for p in _list_images(root / "test" / "good")]
+  gt_root = root / "ground_truth"
+  for d in sorted((root / "test").iterdir()):
+    if d.name == "good" or d.name.startswith("."):
+      continue
+    if not d.is_dir():
+      raise DatasetError(f"{d}: unexpected file in {root / 'test'} (expected good/ and one folder per defect type)")
+    masks = {}
+    if gt_root.is_dir():
+      if not (gt_root / d.name).is_dir():
+        raise DatasetError(f"{d}: no mask folder {gt_root / d.name} (ground_truth/ has masks for other defects)")
+      for m in _list_images(gt_root / d.name):
+        masks[m.stem[:-5] if m.stem.endswith("_mask") else m.stem] = m
+    images = _list_images(d)
+    for p in images:
+      if gt_root.is_dir() and p.stem not in masks:
+        raise DatasetError(f"{p}: no mask named {p.stem}_mask.* or {p.stem}.* in {gt_root / d.name}")
+      test.append(Sample(str(p), rel(p), 1, d.name, str(masks[p.stem]) if masks else None))
+    extra = sorted(set(masks) - {p.stem for p in images})
+    if extra:
+      raise DatasetError(f"{gt_root / d.name}: masks with no image of the same stem in {d}: {extra[:5]}")
+  if not test:
+    raise DatasetError(f"{root / 'test'}: no test images")
+  return Dataset(root=str(root), layout=MVTEC, train=tuple(train), test=tuple(test))
+
+
 def load_dataset(root: str | os.PathLike) -> Dataset:
   """Reads a dataset in whichever accepted layout `root` has (see detect_layout)."""
-  layout = detect_layout(root)
-  return read_mediclip(root) if layout == MEDICLIP else read_folder(root)
+  readers = {MEDICLIP: read_mediclip, FOLDER: read_folder, MVTEC: read_mvtec}
+  return readers[detect_layout(root)](root)

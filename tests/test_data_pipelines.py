@@ -127,6 +127,30 @@ def test_plain_folder_errors(folder_ds):
     datasets.load_dataset(folder_ds)
 
 
+def test_mvtec_layout_with_good_folders_defect_classes_and_ground_truth(tmp_path):
+  root = tmp_path / "bottle"
+  for i in range(2):
+    _png(root / "train" / "good" / f"{i:03d}.png", 40 + i)
+  _png(root / "test" / "good" / "000.png", 50)
+  _png(root / "test" / "broken_large" / "000.png", 200)
+  _png(root / "test" / "contamination" / "000.png", 210)
+  _png(root / "ground_truth" / "broken_large" / "000_mask.png", 255)
+  _png(root / "ground_truth" / "contamination" / "000_mask.png", 255)
+  d = datasets.load_dataset(root)
+  assert d.layout == "mvtec" and d.has_masks and len(d.train) == 2
+  assert [(s.name, s.label, s.clsname) for s in d.test] == [
+      ("test/good/000.png", 0, "good"), ("test/broken_large/000.png", 1, "broken_large"),
+      ("test/contamination/000.png", 1, "contamination")]
+  assert d.test[0].mask_path is None and d.test[2].mask_path.endswith("contamination/000_mask.png")
+  (root / "ground_truth" / "contamination" / "000_mask.png").unlink()
+  with pytest.raises(DatasetError, match=r"contamination/000\.png: no mask named 000_mask"):
+    datasets.load_dataset(root)
+  _png(root / "ground_truth" / "contamination" / "000_mask.png", 255)
+  _png(root / "train" / "broken_large" / "x.png", 1)
+  with pytest.raises(DatasetError, match="besides good/"):
+    datasets.load_dataset(root)
+
+
 def test_missing_root_and_unknown_layout(tmp_path):
   with pytest.raises(DatasetError, match="is not a directory") as e:
     datasets.load_dataset(tmp_path / "nope")
