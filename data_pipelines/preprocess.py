@@ -54,3 +54,17 @@ def load_mask(path: str | os.PathLike | None, size: int = 224) -> np.ndarray:
     return np.zeros((size, size), np.float32)
   im = _open(path).convert("L").resize((size, size), Image.NEAREST)
   return (np.asarray(im) != 0).astype(np.float32)
+
+
+def load_original(path: str | os.PathLike, color: str = "grey") -> np.ndarray:
+  """The file's own pixels at its own resolution, grey (H, W) or RGB (H, W, 3) uint8 as `color` reads it:
+  what pictures are drawn on."""
+  if color not in COLORS:
+    raise ValueError(f"data.color must be one of {COLORS}, got {color!r}")
+  im = _open(path).convert("RGB")
+  return np.asarray(im.convert("L") if color == "grey" else im)
+
+
+def load_original_mask(path: str | os.PathLike) -> np.ndarray:
+  """A mask file at its own resolution as booleans (any non-zero pixel is lesion, as `load_mask`)."""
+  return np.asarray(_open(path).convert("L")) != 0

@@ -31,11 +31,15 @@ class TestShare:
   names: list[str]            # (N,)
 
 
+def dataset_root(data: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Where a run's data lives: `workdir/phantom_data` for generated phantoms, else `data.root`."""
+  return os.path.join(workdir, "phantom_data") if data.phantom else data.root
+
+
 def open_dataset(data: ml_collections.ConfigDict, workdir: str, seed: int) -> datasets.Dataset:
   """Reads `data.root`, or generates the phantom dataset into `workdir/phantom_data` when `data.phantom`."""
-  root = data.root
+  root = dataset_root(data, workdir)
   if data.phantom:
-    root = os.path.join(workdir, "phantom_data")
     marker = os.path.join(root, "samples", "test.json")
     for turn in ("main", "others"):  # process 0 writes; others write their own copy only without a shared disk
       if (turn == "main") == parallel.is_main_process() and not os.path.isfile(marker):

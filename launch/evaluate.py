@@ -3,9 +3,11 @@
   python launch/evaluate.py --workdir runs/busi_s1,runs/busi_s2,runs/busi_s3 --out results/busi.json
   python launch/evaluate.py --workdir runs/brainmri --data_root /other/copy/of/brainmri --smoothing_sigma 4
 
-Each run directory is one seed; the JSON holds every run's metrics and their mean and std. Any
-method works: the run's stored config names it. Nothing is written into the run directories
-unless --out points there (the default is <first workdir>/eval.json).
+Each run directory is one seed; the JSON holds every run's metrics and their mean and std, with the
+sensitivity and specificity of the run's stored decision threshold. Pictures of each run (ROC/PR/score
+histogram and example panels, mediclip_jax.evaluate.figures.write_evaluation) go to --figures/<run name>.
+Any method works: the run's stored config names it. Nothing is written into the run directories
+unless --out or --figures points there (the defaults are <first workdir>/eval.json and eval_figures/).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from absl import app, flags
 from data_pipelines import datasets, run_data
 from data_pipelines.datasets import DatasetError
 from mediclip_jax import parallel
-from mediclip_jax.evaluate import restore, scoring
+from mediclip_jax.evaluate import figures, restore, scoring
+from mediclip_jax.evaluate.normalization import Normalization
 from mediclip_jax.train import writers
 
 _WORKDIR = flags.DEFINE_list("workdir", None, "Run directories (comma-separated; one per seed).")
@@ -27,10 +30,12 @@ _OUT = flags.DEFINE_string("out", None, "Results JSON (default: <first workdir>/
 _DATA_ROOT = flags.DEFINE_string("data_root", None, "Override the dataset root stored in the run's config.")
 _SIGMA = flags.DEFINE_float("smoothing_sigma", None, "Gaussian smoothing of maps (0 = raw; default: the run's).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Evaluation batch (default: the run's eval.batch_size).")
+_FIGURES = flags.DEFINE_string("figures", None, "Folder for each run's pictures (default: <--out without .json>"
+                               "_figures; empty: none).")
 
 
-def evaluate_run(workdir: str, mesh) -> dict:
-  """Metrics of one run's latest checkpoint on its test set."""
+def evaluate_run(workdir: str, mesh, figures_dir: str | None) -> dict:
+  """Metrics of one run's latest checkpoint on its test set; its pictures in `figures_dir` (unless None)."""
   config, _ = restore.stored_config(workdir)
   with config.unlocked():
     if _DATA_ROOT.value:
@@ -43,16 +48,22 @@ def evaluate_run(workdir: str, mesh) -> dict:
       if _BATCH.value < 1:
         raise ValueError(f"--batch_size must be >= 1, got {_BATCH.value}")
       config.eval.batch_size = _BATCH.value
-  root = os.path.join(workdir, "phantom_data") if config.data.phantom else config.data.root
+  root = run_data.dataset_root(config.data, workdir)
   if not root:
     raise ValueError(f"{workdir}: the stored config has no data.root; pass --data_root")
   dataset = datasets.load_dataset(root)
   run = restore.load_run(workdir, mesh, config=config, dataset=dataset)
+  norm = Normalization.from_dict(run.metadata["normalization"], f"{workdir} step {run.step}")
   test = run_data.load_test_share(dataset, config.data)
   masks = None if test.masks is None else parallel.gather_rows(test.masks.astype(np.uint8), test.valid)
-  res = scoring.evaluate_share(run.trainable.scorer(run.state), test, masks, config.eval, mesh)
+  main = parallel.is_main_process()
+  with writers.count_bar(len(test.images), f"evaluating {workdir}", enabled=main) as bar:
+    res, maps, scores = scoring.evaluate_share(run.trainable.scorer(run.state), test, masks, config.eval, mesh,
+                                               norm.threshold, bar.update)
+  if figures_dir is not None and main:
+    figures.write_evaluation(figures_dir, maps, scores, test.labels, dataset.test, norm, config.data.color)
   res.update(step=run.step, seed=int(config.seed), n_test=int(len(test.labels)),
-             smoothing_sigma=float(config.eval.smoothing_sigma))
+             smoothing_sigma=float(config.eval.smoothing_sigma), threshold=norm.threshold)
   return res
 
 
@@ -64,11 +75,14 @@ def main(argv) -> int:
   if os.path.isdir(out):
     print(f"error: --out {out} is a directory; give a file path", file=sys.stderr)
     return 1
-  skip = {"step", "seed", "n_test", "smoothing_sigma"}
+  skip = {"step", "seed", "n_test", "smoothing_sigma", "threshold"}
+  fig_root = os.path.splitext(out)[0] + "_figures" if _FIGURES.value is None else _FIGURES.value
+  names = [os.path.basename(os.path.normpath(wd)) for wd in _WORKDIR.value]
   per_run = {}
-  for wd in _WORKDIR.value:
+  for i, wd in enumerate(_WORKDIR.value):
+    name = names[i] if names.count(names[i]) == 1 else f"{i}_{names[i]}"
     try:
-      res = evaluate_run(wd, mesh)
+      res = evaluate_run(wd, mesh, os.path.join(fig_root, name) if fig_root else None)
     except (FileNotFoundError, DatasetError, ValueError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 1

@@ -19,6 +19,12 @@ from jax.sharding import Mesh
 from mediclip_jax.parallel import replicated
 
 
+def has_checkpoint(directory: str) -> bool:
+  """Whether `directory` holds a finished checkpoint (orbax gives a step's folder its bare number only
+  once the step is completely written), without opening a checkpoint manager."""
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with items "state" and "metadata"."""
 

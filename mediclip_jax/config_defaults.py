@@ -45,6 +45,7 @@ def loop_config() -> ml_collections.ConfigDict:
   c.eval.smoothing_sigma = 0.0      # reference: raw maps; peers smooth with sigma 4
   c.eval.aupro_max_fpr = 0.3
   c.eval.threshold_quantile = 1.0   # decision threshold: this quantile of the normal calibration scores
+  c.eval.figures = True             # per evaluation: ROC/PR/histogram and example panels, in figures/ and TensorBoard
   return c
 
 

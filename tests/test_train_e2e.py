@@ -70,6 +70,14 @@ def test_results_equal_an_independent_computation(uninterrupted):
   # The untrained row (same config, zero steps) is there, and differs from the trained one.
   assert results["untrained"]["pixel_auroc"] != last["pixel_auroc"]
   assert results["steps"] == 12 and run.step == 12
+  # The stored decision: threshold = max score of the support images (quantile 1), measured on the test set.
+  support = np.stack([np.asarray(x) for x in run.trainable.calibration_images])
+  _, support_scores = scoring.score_share(run.trainable.scorer(run.state), support, 5, mesh)
+  thr = results["decision"]["threshold"]
+  assert thr == pytest.approx(float(support_scores.max()), abs=1e-6) == run.metadata["threshold"]
+  assert last["image_sensitivity"] == pytest.approx(np.mean(scores[test.labels == 1] > thr))
+  assert last["image_specificity"] == pytest.approx(np.mean(scores[test.labels == 0] <= thr))
+  assert "chosen on the test set" in results["decision"]["rule"]
 
 
 def test_outputs_metrics_tensorboard_checkpoints_console(uninterrupted):
@@ -78,9 +86,15 @@ def test_outputs_metrics_tensorboard_checkpoints_console(uninterrupted):
   lines = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines if "eval/image_auroc" in l] == [0, 6, 12]  # untrained, every 3 epochs
   assert [l["step"] for l in lines if "train/loss" in l] == [2, 4, 6, 8, 10, 12]
-  acc = EventAccumulator(str(wd / "tensorboard"))
+  assert all(isinstance(l["epoch"], float) and l["epoch"] == l["step"] / 2 for l in lines)  # 2 steps per epoch
+  acc = EventAccumulator(str(wd / "tensorboard"), size_guidance={"images": 0})
   acc.Reload()
   assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+  assert [e.step for e in acc.Images("eval/roc_pr_hist")] == [0, 6, 12]
+  assert [e.step for e in acc.Images("eval/abnormal_lowest")] == [0, 6, 12]
+  for step in (0, 6, 12):
+    assert sorted(p.name for p in (wd / "figures" / f"step_{step:06d}").iterdir()) == [
+        "abnormal_highest.png", "abnormal_lowest.png", "normal_highest.png", "normal_lowest.png", "roc_pr_hist.png"]
   assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())[-1] == 12
   support = json.loads((wd / "support_set.json").read_text())
   assert support["k"] == 16 and support["seed"] == 100
@@ -164,6 +178,9 @@ def test_evaluate_reproduces_the_run_and_writes_only_where_told(uninterrupted, t
   for k, v in last.items():
     assert abs(got[k] - v) < 1e-6, k
   assert {p: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()} == before
+  pictures = sorted(p.name for p in (tmp_path / "eval_figures" / uninterrupted.name).iterdir())
+  assert pictures == ["abnormal_highest.png", "abnormal_lowest.png", "normal_highest.png", "normal_lowest.png",
+                      "roc_pr_hist.png"]
 
 
 def test_missing_data_fails_fast_naming_directory_layouts_and_the_way_out(tmp_path):
@@ -175,3 +192,4 @@ def test_missing_data_fails_fast_naming_directory_layouts_and_the_way_out(tmp_pa
   for part in ("data/chexpert", "samples/train.json", "train/normal", "--config.data.root=", ":phantom"):
     assert part in proc.stderr, (part, proc.stderr)
   assert time.time() - t0 < 120
+  assert not (tmp_path / "w").exists()  # a failed start leaves no workdir describing a run that does not exist

@@ -1,4 +1,5 @@
-"""Pictures that explain a prediction: a per-image anomaly panel and ROC / PR / score-histogram curves.
+"""Pictures that explain a prediction: a per-image anomaly panel and ROC / PR / score-histogram curves;
+`write_evaluation` draws both for one evaluation of a test set.
 
 The anomaly map is drawn on a FIXED 0-1 scale (the scale the score and threshold live on), never
 min-max normalised per image, so a normal image looks cold and the colour bar can be read off.
@@ -6,6 +7,7 @@ min-max normalised per image, so a normal image looks cold and the colour bar ca
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import matplotlib
 
@@ -13,6 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from data_pipelines import preprocess  # noqa: E402
+from mediclip_jax.evaluate.normalization import Normalization  # noqa: E402
 
 CMAP = "jet"
 _ABNORMAL_RGB = (220, 30, 30)
@@ -211,3 +216,41 @@ def roc_pr_hist(scores: np.ndarray, labels: np.ndarray, threshold: float, path: 
   fig.savefig(path)
   plt.close(fig)
   return {"auroc": auroc, "ap": ap}
+
+
+# The test images an evaluation draws: the clearest and the hardest case of each class.
+EXAMPLES = {"abnormal_highest": (1, -1), "abnormal_lowest": (1, 0), "normal_highest": (0, -1), "normal_lowest": (0, 0)}
+
+
+def pick_examples(scores: np.ndarray, labels: np.ndarray) -> dict[str, int]:
+  """Role -> test index: the highest- and lowest-scoring abnormal and normal images (roles of an absent
+  class left out; ties go to the earlier image)."""
+  scores, labels = np.asarray(scores), np.asarray(labels)
+  out = {}
+  for role, (label, end) in EXAMPLES.items():
+    idx = np.flatnonzero(labels == label)
+    if idx.size:
+      out[role] = int(idx[np.argsort(scores[idx], kind="stable")][end])
+  return out
+
+
+def write_evaluation(outdir: str, maps: np.ndarray, scores: np.ndarray, labels: np.ndarray, samples,
+                     norm: Normalization, color: str) -> dict[str, np.ndarray]:
+  """One evaluation's pictures in `outdir`: roc_pr_hist.png (raw scores, decision threshold marked; when
+  both classes are present) and a panel per `pick_examples` role, `<role>.png`, at the file's original
+  resolution with its ground truth, the map normalised (threshold 0.5). `samples` are the test set's
+  `data_pipelines.datasets.Sample`s in the order of `maps`. Returns {name: picture} (for TensorBoard)."""
+  os.makedirs(outdir, exist_ok=True)
+  pictures = {}
+  if 0 < int(np.sum(labels)) < len(labels):
+    path = os.path.join(outdir, "roc_pr_hist.png")
+    roc_pr_hist(scores, labels, norm.threshold, path)
+    pictures["roc_pr_hist"] = np.asarray(Image.open(path).convert("RGB"))
+  for role, i in pick_examples(scores, labels).items():
+    s = samples[i]
+    mask = preprocess.load_original_mask(s.mask_path) if s.mask_path else None
+    panel = anomaly_panel(None, norm(maps[i]), 0.5, float(norm(scores[i])), raw_score=float(scores[i]),
+                          mask=mask, name=s.name, original=preprocess.load_original(s.path, color))
+    Image.fromarray(panel).save(os.path.join(outdir, f"{role}.png"))
+    pictures[role] = panel
+  return pictures

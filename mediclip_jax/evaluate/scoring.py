@@ -62,13 +62,27 @@ def compute_metrics(maps: np.ndarray, scores: np.ndarray, labels: np.ndarray, ma
   return out
 
 
+def decision_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+  """Sensitivity and specificity of the stored decision (score > threshold, the threshold fixed on the
+  normal support images before any test image is seen), unlike the F1-max thresholds chosen on the test set."""
+  scores, labels = np.asarray(scores), np.asarray(labels).astype(bool)
+  abnormal = scores > threshold
+  return {"image_sensitivity": float(abnormal[labels].mean()) if labels.any() else float("nan"),
+          "image_specificity": float((~abnormal[~labels]).mean()) if (~labels).any() else float("nan")}
+
+
 def evaluate_share(score_batch: BatchScorer, test, all_masks: np.ndarray | None, eval_cfg, mesh: Mesh,
-                   progress: Callable[[int], None] | None = None) -> dict[str, float]:
-  """Metrics of a test set from this process's share `test` (a `data_pipelines.run_data.TestShare`);
-  `all_masks` are every process's masks gathered once. Every process gets the same metrics."""
+                   threshold: float | None = None, progress: Callable[[int], None] | None = None
+                   ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+  """Metrics of a test set from this process's share `test` (a `data_pipelines.run_data.TestShare`), and
+  every process's raw (unsmoothed) maps and scores; `all_masks` are every process's masks gathered once.
+  With `threshold`, also the decision's sensitivity and specificity. Every process gets the same results."""
   maps, scores = score_share(score_batch, test.images, eval_cfg.batch_size, mesh, progress)
   maps, scores = parallel.gather_rows(maps, test.valid), parallel.gather_rows(scores, test.valid)
-  return compute_metrics(maps, scores, test.labels, all_masks, eval_cfg.smoothing_sigma, eval_cfg.aupro_max_fpr)
+  res = compute_metrics(maps, scores, test.labels, all_masks, eval_cfg.smoothing_sigma, eval_cfg.aupro_max_fpr)
+  if threshold is not None:
+    res.update(decision_metrics(scores, test.labels, threshold))
+  return res, maps, scores
 
 
 def calibrate(score_batch: BatchScorer, images: np.ndarray, batch_size: int, mesh: Mesh,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import time
 import types
@@ -24,7 +25,7 @@ from flax import nnx
 
 from data_pipelines import run_data
 from mediclip_jax import checkpoints, parallel
-from mediclip_jax.evaluate import scoring
+from mediclip_jax.evaluate import figures, scoring
 from mediclip_jax.train import writers
 
 UNTRAINED = "untrained (step 0)"  # row labels of the final table
@@ -131,12 +132,38 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
   method.validate(config)
   mesh = parallel.make_mesh()
   parallel.check_global_batch(config.train.batch_size, mesh)
-  os.makedirs(workdir, exist_ok=True)
   main = parallel.is_main_process()
-  if main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  created = FailedStartCleanup(workdir) if main else None
+  try:
+    return _run(config, workdir, method, dump_params, interrupt, mesh, main)
+  except BaseException:
+    if created is not None:
+      created.remove_unless_checkpointed()
+    raise
 
+
+class FailedStartCleanup:
+  """What this invocation adds to a workdir that holds no checkpoint yet: removed again if the run
+  fails before writing its first checkpoint, so a failed start leaves no config.json, support set
+  or half a metrics log that describe a run which does not exist. Nothing that existed before is touched."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.existed = os.path.isdir(workdir)
+    self.before = set(os.listdir(workdir)) if self.existed else set()
+    os.makedirs(workdir, exist_ok=True)
+
+  def remove_unless_checkpointed(self) -> None:
+    if checkpoints.has_checkpoint(os.path.join(self.workdir, "checkpoints")):
+      return
+    for name in set(os.listdir(self.workdir)) - self.before:
+      path = os.path.join(self.workdir, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if not self.existed and not os.listdir(self.workdir):
+      os.rmdir(self.workdir)
+
+
+def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   dataset = run_data.open_dataset(config.data, workdir, config.seed)
   test = run_data.load_test_share(dataset, config.data)
   trainable = method.build(config, dataset, workdir, mesh, train=True)
@@ -161,22 +188,40 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
     state, meta = ckpt.restore(start, state, mesh)
     untrained, best = meta.get("untrained"), meta.get("best", best)
     say(f"resumed from step {start}")
+  if main:  # only once the run is known to build (and resume): a rejected config leaves the old one
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   metrics_log = writers.JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if main else None
   tb = writers.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if main else None
+  calibrated = {}  # step -> Normalization of the state at that step
 
-  def evaluate() -> dict:
-    return scoring.evaluate_share(trainable.scorer(state), test, all_masks, config.eval, mesh)
+  def calibrate(step: int):
+    if step not in calibrated:
+      calibrated.clear()
+      calibrated[step] = scoring.calibrate(trainable.scorer(state), trainable.calibration_images,
+                                           config.eval.batch_size, mesh, trainable.threshold)
+    return calibrated[step]
+
+  def evaluate(step: int) -> dict:
+    norm = calibrate(step)
+    with writers.count_bar(len(test.images), f"eval step {step}", enabled=main) as bar:
+      res, maps, scores = scoring.evaluate_share(trainable.scorer(state), test, all_masks, config.eval, mesh,
+                                                 norm.threshold, bar.update)
+    if main and config.eval.figures:
+      pictures = figures.write_evaluation(os.path.join(workdir, "figures", f"step_{step:06d}"), maps, scores,
+                                          test.labels, dataset.test, norm, config.data.color)
+      tb.images(step, {f"eval/{k}": v for k, v in pictures.items()})
+    return res
 
   def report(step: int, res: dict) -> None:
     if main:
-      metrics_log.write({"step": step, "epoch": step // spe, **{f"eval/{k}": v for k, v in res.items()}})
+      metrics_log.write({"step": step, "epoch": step / spe, **{f"eval/{k}": v for k, v in res.items()}})
       tb.scalars(step, {f"eval/{k}": v for k, v in res.items()})
       progress.write(writers.eval_line(step, step // spe, shown(res)))
 
   def save(step: int) -> None:
-    norm = scoring.calibrate(trainable.scorer(state), trainable.calibration_images, config.eval.batch_size,
-                             mesh, trainable.threshold)
+    norm = calibrate(step)
     meta = {"config": json.loads(config.to_json_best_effort()), "step": int(step), "threshold": norm.threshold,
             "normalization": norm.to_dict(),
             "method": config.method, **trainable.info, "untrained": untrained, "best": best,
@@ -188,7 +233,7 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
   final = {}
   t_start = time.perf_counter()
   if not start:  # the baseline every results table carries: same config, zero steps
-    untrained = evaluate()
+    untrained = evaluate(0)
     report(0, untrained)
   progress.compiling()
   step = start
@@ -211,7 +256,7 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
         tb.scalars(step, {k: v for k, v in rec.items() if k.startswith("train/")})
     progress.update(step, f"loss {m['loss']:.4f}" if logged else "")
     if step % eval_every == 0 or step == total:
-      res = evaluate()
+      res = evaluate(step)
       if best["score"] is None or res[select_key] > best["score"]:
         best = {"score": res[select_key], "epoch": step // spe, "metrics": res}
       report(step, res)
@@ -225,11 +270,18 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
   ckpt.close()
   progress.close()
   if not final:  # resumed at the last step: evaluate what was restored
-    final = evaluate()
+    final = evaluate(step)
   if dump_params:
     _dump_params(state, os.path.join(workdir, f"params_process{jax.process_index()}.npz"))
+  norm = calibrate(step)
   results = {"untrained": untrained, "last_epoch": final, BEST: best, "steps": total,
-             "wall_s": time.perf_counter() - t_start, "backbone": trainable.info.get("backbone")}
+             "wall_s": time.perf_counter() - t_start, "backbone": trainable.info.get("backbone"),
+             "decision": {"threshold": norm.threshold, "normalization": norm.to_dict(), "rule": (
+                 f"score > threshold, the threshold being quantile {config.eval.threshold_quantile} of the scores of "
+                 f"the {len(trainable.calibration_images)} normal calibration (support) images, fixed before any "
+                 "test image is seen; image_sensitivity/image_specificity measure it on the test set. The "
+                 "*_f1_threshold metrics are different: the F1-maximising thresholds chosen on the test set "
+                 "itself, for reporting only. predict.py reports normalised scores, this threshold at 0.5.")}}
   if main:
     _write_json(os.path.join(workdir, "results.json"), results)
     metrics_log.close()
