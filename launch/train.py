@@ -78,7 +78,8 @@ def main(argv) -> int:
     return 130
   if jax.process_index() == 0:
     print(writers.summary_table(loop.summary_rows(results)))
-    print(f"results: {os.path.join(workdir, 'results.json')}")
+    print(loop.decision_line(results))
+    print(f"results: {os.path.join(workdir, 'results.json')}; pictures: {os.path.join(workdir, 'figures')}")
   return 0
 
 

@@ -85,8 +85,13 @@ def test_tensorboard_creates_no_event_file_without_writes(tmp_path):
   assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
 
 
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
 def test_progress_reports_compile_once_and_steady_rate():
-  buf = io.StringIO()
+  buf = _Terminal()
   p = Progress(total_steps=20, stream=buf)
   p.compiling()
   time.sleep(0.5)  # the first step, as slow as a compilation
@@ -107,7 +112,7 @@ def test_progress_reports_compile_once_and_steady_rate():
 
 
 def test_progress_after_resume_excludes_first_step_and_has_no_compile_line():
-  buf = io.StringIO()
+  buf = _Terminal()
   p = Progress(total_steps=100, start_step=50, stream=buf)
   p.update(51)
   assert p.rate is None  # one update gives no steady-state interval yet
@@ -116,6 +121,23 @@ def test_progress_after_resume_excludes_first_step_and_has_no_compile_line():
   p.close()
   assert 0 < p.rate < 2 / 0.02 + 1e-6
   assert "compiled in" not in buf.getvalue() and "53/100" in buf.getvalue()
+
+
+def test_progress_into_a_log_writes_plain_lines_at_most_every_interval_and_at_the_end():
+  buf = io.StringIO()  # not a terminal
+  p = Progress(total_steps=6, stream=buf, log_every_s=0.05)
+  p.compiling()
+  p.update(1)
+  p.update(2)  # within the interval: no line
+  time.sleep(0.06)
+  p.update(3, "loss 0.5")
+  p.update(6)
+  p.close()
+  assert "\r" not in buf.getvalue() and "\x1b" not in buf.getvalue()
+  lines = buf.getvalue().splitlines()
+  assert lines[0] == "compiling the train step…" and lines[1].startswith("compiled in")
+  assert lines[2].startswith("step 3/6 (50%)") and lines[2].endswith("loss 0.5")
+  assert lines[3].startswith("step 6/6 (100%)") and len(lines) == 4
 
 
 def test_progress_disabled_draws_no_bar_but_writes_lines():

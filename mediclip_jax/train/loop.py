@@ -81,11 +81,17 @@ class _Interrupt:
 
 
 class Interrupted(KeyboardInterrupt):
-  """A SIGTERM stopped the run after writing a checkpoint at `step`."""
+  """A SIGTERM stopped the run after writing a checkpoint at `step` (step 0: before any training,
+  nothing to save; a rerun starts afresh)."""
 
   def __init__(self, step: int):
-    super().__init__(f"SIGTERM: checkpoint written at step {step}; rerun to resume")
+    super().__init__(f"SIGTERM: checkpoint written at step {step}; rerun to resume" if step else
+                     "SIGTERM before the first training step: nothing trained, nothing saved")
     self.step = step
+
+
+class _EvaluationAborted(Exception):
+  """A SIGTERM arrived while scoring the test set: the evaluation is dropped between two batches."""
 
 
 def _dump_params(state, path: str) -> None:
@@ -176,7 +182,7 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   state = trainable.state
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep)
   start = ckpt.latest_step() or 0
-  untrained, best = None, {"score": None}
+  untrained, best, meta = None, {"score": None}, {}
   progress = writers.Progress(total, start, enabled=main)
   say = progress.write if main else (lambda line: None)
   say(f"method={config.method} platform={jax.default_backend()} ({jax.local_devices()[0].device_kind}), "
@@ -203,11 +209,19 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
                                            config.eval.batch_size, mesh, trainable.threshold)
     return calibrated[step]
 
+  multi = jax.process_count() > 1
+
   def evaluate(step: int) -> dict:
     norm = calibrate(step)
     with writers.count_bar(len(test.images), f"eval step {step}", enabled=main) as bar:
+      def tick(n: int) -> None:
+        bar.update(n)
+        # One process alone may stop between batches (processes score in lockstep: several agree
+        # only at log steps, after the evaluation).
+        if interrupt.requested and not multi:
+          raise _EvaluationAborted
       res, maps, scores = scoring.evaluate_share(trainable.scorer(state), test, all_masks, config.eval, mesh,
-                                                 norm.threshold, bar.update)
+                                                 norm.threshold, tick)
     if main and config.eval.figures:
       pictures = figures.write_evaluation(os.path.join(workdir, "figures", f"step_{step:06d}"), maps, scores,
                                           test.labels, dataset.test, norm, config.data.color)
@@ -220,23 +234,45 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
       tb.scalars(step, {f"eval/{k}": v for k, v in res.items()})
       progress.write(writers.eval_line(step, step // spe, shown(res)))
 
-  def save(step: int) -> None:
+  def record(step: int, res: dict, best: dict) -> dict:
+    """Reports an evaluation; returns the best one so far by the reference's selection key."""
+    report(step, res)
+    if best["score"] is None or res[select_key] > best["score"]:
+      best = {"score": res[select_key], "epoch": step // spe, "metrics": res}
+    return best
+
+  def save(step: int, eval_pending: bool = False) -> None:
     norm = calibrate(step)
     meta = {"config": json.loads(config.to_json_best_effort()), "step": int(step), "threshold": norm.threshold,
-            "normalization": norm.to_dict(),
+            "normalization": norm.to_dict(), "eval_pending": eval_pending,
             "method": config.method, **trainable.info, "untrained": untrained, "best": best,
             "versions": {"jax": jax.__version__, "python": platform.python_version()}}
     ckpt.save(step, state, json.loads(json.dumps(meta, default=float)), force=True)
 
   eval_every = config.eval.every_epochs * spe
-  multi = jax.process_count() > 1
   final = {}
   t_start = time.perf_counter()
+
+  def stopped(step: int) -> Interrupted:
+    ckpt.close()
+    progress.close()
+    return Interrupted(step)
+
   if not start:  # the baseline every results table carries: same config, zero steps
-    untrained = evaluate(0)
+    try:
+      untrained = evaluate(0)
+    except _EvaluationAborted:
+      raise stopped(0) from None
     report(0, untrained)
+  elif meta.get("eval_pending"):  # stopped by SIGTERM at an evaluation step before evaluating
+    try:
+      final = res = evaluate(start)
+    except _EvaluationAborted:  # still pending in the checkpoint
+      raise stopped(start) from None
+    best = record(start, res, best)
   progress.compiling()
   step = start
+  pending = False
   while step < total:
     batch = {k: parallel.global_array(v, mesh) for k, v in trainable.local_batch(step).items()}
     state, m = trainable.train_step(state, batch)
@@ -255,18 +291,20 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
         metrics_log.write(rec)
         tb.scalars(step, {k: v for k, v in rec.items() if k.startswith("train/")})
     progress.update(step, f"loss {m['loss']:.4f}" if logged else "")
-    if step % eval_every == 0 or step == total:
-      res = evaluate(step)
-      if best["score"] is None or res[select_key] > best["score"]:
-        best = {"score": res[select_key], "epoch": step // spe, "metrics": res}
-      report(step, res)
-      final = res
+    if (step % eval_every == 0 or step == total) and not stop:
+      try:
+        res = evaluate(step)
+      except _EvaluationAborted:  # checkpoint now; the resumed run evaluates this step first
+        stop = pending = True
+      else:
+        best = record(step, res, best)
+        final = res
+    elif stop and (step % eval_every == 0 or step == total):
+      pending = True
     if step % config.train.checkpoint_every_steps == 0 or step == total or stop:
-      save(step)
-    if stop and step < total:
-      ckpt.close()
-      progress.close()
-      raise Interrupted(step)
+      save(step, pending)
+    if stop and (step < total or pending):
+      raise stopped(step)
   ckpt.close()
   progress.close()
   if not final:  # resumed at the last step: evaluate what was restored
@@ -299,3 +337,11 @@ def summary_rows(results: dict) -> dict[str, dict]:
   if best.get("metrics"):
     rows[f"best on test (epoch {best['epoch']})"] = shown(best["metrics"])
   return rows
+
+
+def decision_line(results: dict) -> str:
+  """The stored decision and how it fares on the test set (last epoch), for the console."""
+  last, d = results["last_epoch"], results["decision"]
+  return (f"decision: raw score > {d['threshold']:.4f} (normalised > 0.5; set on the normal support images): "
+          f"sensitivity {last.get('image_sensitivity', float('nan')):.3f}, "
+          f"specificity {last.get('image_specificity', float('nan')):.3f} on the test set")

@@ -115,26 +115,32 @@ class Progress:
   The first update after the start (or a resume) contains the XLA compilation, so the rate is
   measured from that update on; tqdm's own rate would include it and understate the speed for a
   long while. With `enabled=False` no bar is drawn, but `write` and the compile line still print.
+  Into a log file or pipe (not a terminal) the bar becomes a plain line at most every `log_every_s`
+  seconds and at the last step, so logs hold no carriage returns or cursor moves.
   """
 
-  def __init__(self, total_steps: int, start_step: int = 0, stream=sys.stderr, enabled: bool = True):
+  def __init__(self, total_steps: int, start_step: int = 0, stream=sys.stderr, enabled: bool = True,
+               log_every_s: float = 30.0):
     self.total, self.start = int(total_steps), int(start_step)
     self.stream = stream
     self.enabled = enabled
+    self.tty = hasattr(stream, "isatty") and stream.isatty()
+    self._log_every_s = log_every_s
+    self._last_line = time.perf_counter()
     self._step = self.start
     self._compile_t0: float | None = None
     self._first: tuple[int, float] | None = None  # (step, time) of the first update: the rate's origin
     self.rate: float | None = None  # steady-state steps/s, once two updates have been seen
-    # Redrawn at most every 0.1 s on a terminal, every 30 s into a log file or pipe.
-    tty = hasattr(stream, "isatty") and stream.isatty()
-    self._bar = tqdm(total=self.total, initial=self.start, file=stream, disable=not enabled,
-                     mininterval=0.1 if tty else 30.0, unit="step", dynamic_ncols=True,
+    self._bar = tqdm(total=self.total, initial=self.start, file=stream, disable=not (enabled and self.tty),
+                     mininterval=0.1, unit="step", dynamic_ncols=True,
                      bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
   def compiling(self) -> None:
     """Marks the start of the first (compiling) step; the next `update` reports how long it took."""
     self._compile_t0 = time.perf_counter()
     self._bar.set_postfix_str("compiling…", refresh=True)
+    if self.enabled and not self.tty:
+      self.write("compiling the train step…")
 
   def update(self, step: int, text: str = "") -> None:
     """Moves the bar to `step` (called after a step; `text`, e.g. the loss, goes in the postfix)."""
@@ -148,9 +154,13 @@ class Progress:
       speed = f"{self.rate:.2f} step/s, ETA {eta}"
     else:
       speed = "? step/s"
-    self._bar.set_postfix_str(f"{speed}, {text}" if text else speed, refresh=False)
+    postfix = f"{speed}, {text}" if text else speed
+    self._bar.set_postfix_str(postfix, refresh=False)
     self._bar.update(step - self._step)
     self._step = step
+    if self.enabled and not self.tty and (now - self._last_line >= self._log_every_s or step == self.total):
+      self._last_line = now
+      self.write(f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), {postfix}")
     if self._compile_t0 is not None:
       self.write(f"compiled in {now - self._compile_t0:.1f} s")
       self._compile_t0 = None
@@ -164,11 +174,11 @@ class Progress:
 
 
 def count_bar(total: int, desc: str, enabled: bool = True, stream=sys.stderr) -> tqdm:
-  """A transient progress bar over `total` images (evaluation, prediction): gone once closed, so the
-  console keeps only the result line; redrawn every 0.1 s on a terminal, every 30 s into a log."""
+  """A transient progress bar over `total` images (evaluation, prediction) on a terminal: gone once
+  closed, so the console keeps only the result line. Not drawn into log files or pipes."""
   tty = hasattr(stream, "isatty") and stream.isatty()
-  return tqdm(total=int(total), desc=desc, file=stream, disable=not enabled, leave=False, unit="img",
-              mininterval=0.1 if tty else 30.0, dynamic_ncols=True)
+  return tqdm(total=int(total), desc=desc, file=stream, disable=not (enabled and tty), leave=False, unit="img",
+              mininterval=0.1, dynamic_ncols=True)
 
 
 def _fmt(v) -> str:
