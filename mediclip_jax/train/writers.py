@@ -154,6 +154,9 @@ class Progress:
       speed = f"{self.rate:.2f} step/s, ETA {eta}"
     else:
       speed = "? step/s"
+    if self._compile_t0 is not None:
+      self.write(f"compiled in {now - self._compile_t0:.1f} s")
+      self._compile_t0 = None
     postfix = f"{speed}, {text}" if text else speed
     self._bar.set_postfix_str(postfix, refresh=False)
     self._bar.update(step - self._step)
@@ -161,9 +164,6 @@ class Progress:
     if self.enabled and not self.tty and (now - self._last_line >= self._log_every_s or step == self.total):
       self._last_line = now
       self.write(f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), {postfix}")
-    if self._compile_t0 is not None:
-      self.write(f"compiled in {now - self._compile_t0:.1f} s")
-      self._compile_t0 = None
 
   def write(self, line: str) -> None:
     """Prints `line` above the bar without breaking it."""
