@@ -13,6 +13,11 @@ MVTec AD layout (one object category):
 
 Every referenced file is checked to exist; malformed lines and stray files are
 errors, never skipped, so a run never trains or scores on a silently smaller set.
+Also errors: the same image listed twice (or reachable twice through a symbolic link), in one
+split or across train and test; a MediCLIP file name that leaves root/images (absolute, or
+`..` past it); a MediCLIP key that looks like a misspelt "mask" (it would be ignored); a
+non-string class name; an unexpected folder beside the expected ones. Image contents are not
+opened here (that is `preprocess`'s job), so reading a listing stays cheap.
 """
 from __future__ import annotations
 
@@ -34,12 +39,19 @@ class DatasetError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Sample:
   """One image: `path` absolute, `name` relative to the image root (stable id used
-  in support-set files), label 0 normal / 1 abnormal, `mask_path` or None."""
+  in support-set files), label 0 normal / 1 abnormal, `mask_path` or None, `source`
+  where it is listed ("listing:line" in the MediCLIP layout; None in folder layouts, where the path says it)."""
   path: str
   name: str
   label: int
   clsname: str
   mask_path: str | None = None
+  source: str | None = None
+
+  @property
+  def where(self) -> str:
+    """What an error message names for this sample: its listing line, else its path."""
+    return self.source or self.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +95,20 @@ def detect_layout(root: str | os.PathLike) -> str:
   raise DatasetError(f"{root} matches neither dataset layout; {_layout_help(root)}")
 
 
+_KEYS = ("filename", "label", "label_name", "clsname", "mask")
+
+
+def _inside(images: Path, name: str, where: str, what: str) -> Path:
+  """images / name, refused when the name leaves `images` (absolute, or `..` past it). Checked on the
+  names, not on resolved paths, so an image folder may hold symbolic links to storage elsewhere."""
+  base = os.path.normpath(os.path.abspath(images))
+  full = os.path.normpath(os.path.join(base, name))
+  if os.path.isabs(name) or not Path(full).is_relative_to(base) or full == base:
+    raise DatasetError(f"{where}: {what} {name!r} is not inside the image folder {images} "
+                       f"(names must be relative to it, without leaving it through '..')")
+  return images / name
+
+
 def _read_json_lines(path: Path, images: Path, split: str) -> list[Sample]:
   out = []
   with open(path, encoding="utf-8") as f:
@@ -96,6 +122,10 @@ def _read_json_lines(path: Path, images: Path, split: str) -> list[Sample]:
         raise DatasetError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
       if not isinstance(rec, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+      odd = [k for k in rec if k not in _KEYS and "mask" in k.lower()]
+      if odd:
+        raise DatasetError(f"{where}: unknown key {odd[0]!r}; a sample's mask is read from 'mask' only "
+                           f"(keys read: {', '.join(_KEYS)})")
       fn = rec.get("filename")
       if not isinstance(fn, str) or not fn:
         raise DatasetError(f"{where}: missing or non-string 'filename'")
@@ -104,7 +134,7 @@ def _read_json_lines(path: Path, images: Path, split: str) -> list[Sample]:
         raise DatasetError(f"{where}: 'label' must be 0 or 1, got {label!r}")
       if split == "train" and label != 0:
         raise DatasetError(f"{where}: the train split must hold normal images only (label 0), got label 1")
-      img = images / fn
+      img = _inside(images, fn, where, "image")
       if not img.is_file():
         raise DatasetError(f"{where}: image {img} does not exist")
       mask = rec.get("mask")
@@ -112,15 +142,50 @@ def _read_json_lines(path: Path, images: Path, split: str) -> list[Sample]:
       if mask is not None:
         if not isinstance(mask, str) or not mask:
           raise DatasetError(f"{where}: 'mask' must be a file name, got {mask!r}")
-        mp = images / mask
+        mp = _inside(images, mask, where, "mask")
         if not mp.is_file():
           raise DatasetError(f"{where}: mask {mp} does not exist")
         mask_path = str(mp)
+      for key in ("clsname", "label_name"):
+        if key in rec and not isinstance(rec[key], str):
+          raise DatasetError(f"{where}: {key!r} must be a string, got {rec[key]!r}")
       clsname = rec.get("clsname", rec.get("label_name", "abnormal" if label else "normal"))
-      out.append(Sample(path=str(img), name=fn, label=int(label), clsname=str(clsname), mask_path=mask_path))
+      out.append(Sample(path=str(img), name=fn, label=int(label), clsname=clsname, mask_path=mask_path,
+                        source=where))
   if not out:
     raise DatasetError(f"{path}: no samples (expected one JSON object per line)")
   return out
+
+
+def _check_unique(train: list[Sample], test: list[Sample]) -> None:
+  """Refuses an image listed twice, by the file it resolves to (so `a.png`, `./a.png` and a symbolic link
+  to it are the same image), within a split or across train and test."""
+  seen: dict[str, tuple[str, Sample]] = {}
+  for split, samples in (("train", train), ("test", test)):
+    for s in samples:
+      key = os.path.realpath(s.path)
+      if key in seen:
+        first_split, first = seen[key]
+        same = "" if first.name == s.name else f" as {first.name!r} (both are {key})"
+        leak = (" in the train split: a test image among the training images inflates the scores"
+                if first_split != split else "")
+        raise DatasetError(f"{s.where}: image {s.name!r} is listed twice; it is already at {first.where}{same}"
+                           f"{leak}")
+      seen[key] = (split, s)
+
+
+def check_masks_complete(dataset: Dataset) -> None:
+  """When any test sample has a mask (pixel metrics apply), every abnormal test sample must have one: a
+  missing mask would score as an all-normal lesion map. Refuses naming where the first one is listed."""
+  if not dataset.has_masks:
+    return
+  missing = [s for s in dataset.test if s.label == 1 and s.mask_path is None]
+  if missing:
+    n = sum(s.mask_path is not None for s in dataset.test)
+    raise DatasetError(
+        f"{missing[0].where}: abnormal test image {missing[0].name!r} has no 'mask', while {n} test images of "
+        f"{dataset.root} have one ({len(missing)} abnormal images lack it); pixel metrics need a mask for "
+        f"every abnormal image: add them, or set config.data.pixel_metrics='off' for image metrics only")
 
 
 def read_mediclip(root: str | os.PathLike) -> Dataset:
@@ -129,6 +194,7 @@ def read_mediclip(root: str | os.PathLike) -> Dataset:
   images = root / "images"
   train = _read_json_lines(root / "samples" / "train.json", images, "train")
   test = _read_json_lines(root / "samples" / "test.json", images, "test")
+  _check_unique(train, test)
   return Dataset(root=str(root), layout=MEDICLIP, train=tuple(train), test=tuple(test))
 
 
@@ -139,14 +205,26 @@ def _list_images(folder: Path) -> list[Path]:
       continue  # hidden files (.DS_Store, editor swap files) are not data
     if p.is_dir() or p.suffix.lower() not in IMAGE_SUFFIXES:
       raise DatasetError(f"{p}: unexpected entry in an image folder (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+    if not p.is_file():
+      raise DatasetError(f"{p}: not a readable file (a broken symbolic link?)")
     files.append(p)
   return files
+
+
+def _only(folder: Path, expected: tuple[str, ...], what: str) -> None:
+  """Refuses entries of `folder` other than `expected` (hidden ones aside): a misnamed folder
+  (test/mask, train/normals) would otherwise be ignored without a word."""
+  stray = sorted(p.name for p in folder.iterdir() if p.name not in expected and not p.name.startswith("."))
+  if stray:
+    raise DatasetError(f"{folder}: holds {stray[:5]} besides {', '.join(e + '/' for e in expected)} ({what})")
 
 
 def read_folder(root: str | os.PathLike) -> Dataset:
   """Reads root/{train/normal, test/normal, test/abnormal, [test/masks]}."""
   root = Path(root)
   rel = lambda p: p.relative_to(root).as_posix()
+  _only(root / "train", ("normal",), "the train split is normal images only")
+  _only(root / "test", ("normal", "abnormal", "masks"), "the plain folder layout")
   train = [Sample(str(p), rel(p), 0, "normal") for p in _list_images(root / "train" / "normal")]
   if not train:
     raise DatasetError(f"{root / 'train' / 'normal'}: no images")
@@ -176,6 +254,7 @@ def read_folder(root: str | os.PathLike) -> Dataset:
     raise DatasetError(f"{mask_dir}: masks with no abnormal image of the same stem: {unmatched[:5]}")
   if not abnormal and not test:
     raise DatasetError(f"{root / 'test'}: no test images")
+  _check_unique(train, test)
   return Dataset(root=str(root), layout=FOLDER, train=tuple(train), test=tuple(test))
 
 
@@ -186,11 +265,12 @@ def read_mvtec(root: str | os.PathLike) -> Dataset:
   train = [Sample(str(p), rel(p), 0, "good") for p in _list_images(root / "train" / "good")]
   if not train:
     raise DatasetError(f"{root / 'train' / 'good'}: no images")
-  stray = sorted(p.name for p in (root / "train").iterdir() if p.name != "good" and not p.name.startswith("."))
-  if stray:
-    raise DatasetError(f"{root / 'train'}: holds {stray[:5]} besides good/ (the train split is normal images only)")
+  _only(root / "train", ("good",), "the train split is normal images only")
   test = [Sample(str(p), rel(p), 0, "good") for p in _list_images(root / "test" / "good")]
   gt_root = root / "ground_truth"
+  if gt_root.is_dir():  # ground_truth/good (empty masks of normal images) is allowed and not read
+    defects = [p.name for p in (root / "test").iterdir() if p.is_dir()]
+    _only(gt_root, tuple(defects), "one mask folder per defect folder of test/")
   for d in sorted((root / "test").iterdir()):
     if d.name == "good" or d.name.startswith("."):
       continue
@@ -201,7 +281,10 @@ def read_mvtec(root: str | os.PathLike) -> Dataset:
       if not (gt_root / d.name).is_dir():
         raise DatasetError(f"{d}: no mask folder {gt_root / d.name} (ground_truth/ has masks for other defects)")
       for m in _list_images(gt_root / d.name):
-        masks[m.stem[:-5] if m.stem.endswith("_mask") else m.stem] = m
+        stem = m.stem[:-5] if m.stem.endswith("_mask") else m.stem
+        if stem in masks:
+          raise DatasetError(f"{m}: a second mask for image stem {stem!r} (first: {masks[stem]})")
+        masks[stem] = m
     images = _list_images(d)
     for p in images:
       if gt_root.is_dir() and p.stem not in masks:
@@ -212,6 +295,7 @@ def read_mvtec(root: str | os.PathLike) -> Dataset:
       raise DatasetError(f"{gt_root / d.name}: masks with no image of the same stem in {d}: {extra[:5]}")
   if not test:
     raise DatasetError(f"{root / 'test'}: no test images")
+  _check_unique(train, test)
   return Dataset(root=str(root), layout=MVTEC, train=tuple(train), test=tuple(test))
 
 

@@ -61,22 +61,27 @@ def open_dataset(data: ml_collections.ConfigDict, workdir: str, seed: int) -> da
 
 
 def load_test_share(dataset: datasets.Dataset, data: ml_collections.ConfigDict) -> TestShare:
-  """Loads this process's share of the test set at `data.image_size` in `data.color`, masks per `data.pixel_metrics`."""
+  """Loads this process's share of the test set at `data.image_size` in `data.color`, masks per `data.pixel_metrics`.
+
+  With masks, every abnormal test image must have one (checked over the whole listing, so every process
+  agrees) and each mask must have its image's size (checked on the images of this share as they load)."""
   if data.pixel_metrics not in PIXEL_METRICS:
     raise ValueError(f"config.data.pixel_metrics must be one of {PIXEL_METRICS}, got {data.pixel_metrics!r}")
-  test = dataset.test
-  size = int(data.image_size)
-  share, valid = batches.process_eval_indices(len(test))  # padding repeats the last index
-  loaded: dict[int, np.ndarray] = {}
-  for i in share:
-    if int(i) not in loaded:
-      loaded[int(i)] = preprocess.load_test_image(test[i].path, size, data.color)
-  images = np.stack([loaded[int(i)] for i in share]).astype(np.float32)
   want = {"auto": dataset.has_masks, "on": True, "off": False}[data.pixel_metrics]
   if want and not dataset.has_masks:
     raise ValueError(f"config.data.pixel_metrics='on' but the test set of {dataset.root} has no masks")
-  masks = None
   if want:
-    masks = np.stack([preprocess.load_mask(test[i].mask_path, size) for i in share]).astype(np.float32)
+    datasets.check_masks_complete(dataset)
+  test = dataset.test
+  size = int(data.image_size)
+  share, valid = batches.process_eval_indices(len(test))  # padding repeats the last index
+  loaded: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+  for i in map(int, share):
+    if i not in loaded:
+      s = test[i]
+      loaded[i] = (preprocess.load_test_pair(s.path, s.mask_path, size, data.color) if want
+                   else (preprocess.load_test_image(s.path, size, data.color), None))
+  images = np.stack([loaded[int(i)][0] for i in share]).astype(np.float32)
+  masks = np.stack([loaded[int(i)][1] for i in share]).astype(np.float32) if want else None
   return TestShare(images=images, masks=masks, valid=valid,
                    labels=np.asarray([s.label for s in test], np.int32), names=[s.name for s in test])
