@@ -36,5 +36,14 @@ setup(
         ],
         # The benchmark's host mode: the pixel tasks in numpy/OpenCV (synthesis/reference_numpy.py).
         "bench": ["opencv-python-headless", "scipy"],
+        # launch/export.py: ONNX and jax.export artefacts (docs/export.md). jax2onnx itself is NOT listed: its
+        # declared deps pin orbax-checkpoint<0.11.37 (a downgrade) and pull equinox, dm-pix, netron, orbax-export,
+        # huggingface-hub it does not need here; install it beside this extra with
+        #   pip install --no-deps jax2onnx==0.17.1
+        "export": ["onnx>=1.20.1", "onnx-ir>=1.1", "onnxruntime>=1.24.1", "flatbuffers"],
+        # What `launch/predict.py --onnx` needs, JAX-free. An extra cannot drop the base requirements, so a
+        # JAX-free env installs the package itself with --no-deps (docs/export.md):
+        #   pip install --no-deps -e . && pip install onnxruntime numpy pillow matplotlib absl-py tqdm
+        "onnx_inference": ["onnxruntime>=1.24.1", "numpy", "pillow", "matplotlib", "absl-py", "tqdm"],
     },
 )

@@ -4,6 +4,7 @@
   python launch/predict.py --workdir runs/busi --input some/folder/ --out predictions/
   python launch/predict.py --workdir runs/busi --input batch.npy      # (N,H,W) or (H,W) grayscale in [0,1]
   python launch/predict.py --workdir runs/busi --input img.jpg --mask img_mask.jpg   # with ground truth
+  python launch/predict.py --onnx runs/busi/export/model.onnx --input some/folder/   # no JAX: onnxruntime
 
 Scores are normalised (mediclip_jax.evaluate.normalization): 0.5 is the decision threshold, typical
 normal tissue of the support images reads 0; the raw score is kept beside it. Writes
@@ -12,11 +13,15 @@ normalised map on the fixed 0-1 scale with colour bar | map > 0.5 | overlay, at 
 with score and decision; inputs sharing a stem, a.png and a.jpg, keep their suffix: a_png_panel.png)
 and <out>/predictions.json. Any method works: the run's stored config names it; no dataset is needed.
 JAX is imported only to load the run (this module's top level needs numpy, PIL, matplotlib, absl, tqdm).
+With --onnx FILE (written by launch/export.py) instead of --workdir, onnxruntime scores the images and
+JAX is never imported: image size, colour, normalisation come from the file's metadata (a JAX-free
+install: docs/export.md); the default --out is <dir of FILE>/predictions.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -30,9 +35,12 @@ from mediclip_jax.evaluate import figures
 from mediclip_jax.evaluate.normalization import Normalization
 from mediclip_jax.train import writers
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run directory.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run directory (or give --onnx).")
+_ONNX = flags.DEFINE_string("onnx", None, "An ONNX model written by launch/export.py, run with onnxruntime "
+                            "(no JAX); instead of --workdir.")
 _INPUT = flags.DEFINE_string("input", None, "An image, a folder of images, or a .npy array.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/predictions).")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/predictions, or "
+                           "<dir of the --onnx file>/predictions).")
 _THRESHOLD = flags.DEFINE_float("threshold", None, "Override the checkpoint's decision threshold (raw scale).")
 _MASK = flags.DEFINE_string("mask", None, "Ground-truth mask of a single input image, shown in its panel.")
 
@@ -117,11 +125,72 @@ def jax_model(workdir: str) -> Model:
                                                             progress))
 
 
+ONNX_INPUT, ONNX_OUTPUTS = "images", ("maps", "scores")  # as mediclip_jax.export writes them
+ONNX_FORMAT_VERSION = 1
+
+
+def onnx_model(path: str) -> Model:
+  """An ONNX export (launch/export.py) run by onnxruntime on the CPU; no JAX. Metadata from the file."""
+  try:
+    import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"--onnx {path} needs onnxruntime: pip install onnxruntime (or the package's "
+                      f"onnx_inference extra)") from e
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such ONNX file")
+  try:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+  except Exception as e:  # pylint: disable=broad-except  # onnxruntime raises its own types: name the file
+    raise ValueError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from e
+  props = session.get_modelmeta().custom_metadata_map
+  try:  # mediclip_jax.export.onnx_metadata_props: one key per field, JSON-encoded
+    meta = {k: json.loads(v) for k, v in props.items()}
+    if meta.get("format") != "onnx" or meta.get("format_version") != ONNX_FORMAT_VERSION:
+      raise ValueError(f"format {meta.get('format')!r} version {meta.get('format_version')!r}")
+    size, color = int(meta["image_size"]), str(meta["color"])
+    if color not in ("grey", "rgb"):
+      raise ValueError(f"color {color!r}")
+    norm = Normalization.from_dict(meta["normalization"], f"{path} metadata")
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path}: not an ONNX export of launch/export.py (format 'onnx' version "
+                     f"{ONNX_FORMAT_VERSION} with image_size, color, normalization in its metadata): {e}") from e
+  batch = session.get_inputs()[0].shape[0]
+  fixed = batch if isinstance(batch, int) else None  # a symbolic batch (launch/export.py's) takes any size
+  batch_size = fixed or max(1, int(meta.get("eval_batch_size", 32)))
+  logging.getLogger(writers.LOGGER_NAME).info("%s: %s step %s, %dx%d %s, batch %s", path, meta.get("method"),
+                                              meta.get("step"), size, size, color, fixed or "symbolic")
+
+  def score(images: np.ndarray, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    images = np.asarray(images, np.float32)
+    if color == "rgb" and images.ndim == 3:  # grey rows (a .npy) for an RGB model: equal channels
+      images = np.repeat(images[..., None], 3, axis=-1)
+    maps, scores = [], []
+    for start in range(0, len(images), batch_size):
+      chunk = images[start:start + batch_size]
+      keep = len(chunk)
+      if fixed and keep < fixed:  # a fixed-batch model: pad, drop the padded rows
+        chunk = np.concatenate([chunk, np.zeros((fixed - keep,) + chunk.shape[1:], np.float32)])
+      m, s = session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: chunk})
+      maps.append(m[:keep])
+      scores.append(s[:keep])
+      if progress:
+        progress(keep)
+    if not maps:
+      return np.zeros((0, size, size), np.float32), np.zeros((0,), np.float32)
+    return np.concatenate(maps), np.concatenate(scores)
+
+  return Model(size, color, batch_size, norm, score)
+
+
 def main(argv) -> int:
   del argv
   writers.configure_logging(flags.FLAGS.verbosity)
+  if bool(_WORKDIR.value) == bool(_ONNX.value):
+    print("error: give either --workdir (a trained run, scored with JAX) or --onnx (an exported model, scored "
+          "with onnxruntime)" + (", not both" if _WORKDIR.value else ""), file=sys.stderr)
+    return 1
   try:
-    model = jax_model(_WORKDIR.value)
+    model = onnx_model(_ONNX.value) if _ONNX.value else jax_model(_WORKDIR.value)
     norm = model.normalization
     if _THRESHOLD.value is not None:
       norm = Normalization(norm.low, _THRESHOLD.value)
@@ -130,12 +199,12 @@ def main(argv) -> int:
       raise ValueError(f"--mask goes with a single input image; {_INPUT.value} holds {len(names)}")
     # Any non-zero pixel is lesion (the reference's rule, as data_pipelines.preprocess.load_mask).
     mask = np.asarray(Image.open(_MASK.value).convert("L")) != 0 if _MASK.value else None
-  except (FileNotFoundError, ValueError, OSError) as e:
+  except (FileNotFoundError, ValueError, OSError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   with writers.count_bar(len(images), "scoring") as bar:
     maps, scores = model.score(images, bar.update)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "predictions")
+  out = _OUT.value or os.path.join(_WORKDIR.value or os.path.dirname(os.path.abspath(_ONNX.value)), "predictions")
   os.makedirs(out, exist_ok=True)
   records = []
   with writers.count_bar(len(images), "panels") as bar:
@@ -156,5 +225,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "input"])
+  flags.mark_flags_as_required(["input"])
   app.run(lambda argv: sys.exit(main(argv)))

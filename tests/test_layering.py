@@ -18,12 +18,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("data_pipelines", "mediclip_jax.synthesis", "mediclip_jax.weights"),
     ("mediclip_jax.models",),
     ("mediclip_jax.methods",),
-    ("mediclip_jax.config_defaults", "mediclip_jax.evaluate"),
+    ("mediclip_jax.config_defaults", "mediclip_jax.evaluate", "mediclip_jax.export"),
     ("mediclip_jax.train",),
     ("launch", "configs"),
 ]
 # Modules that must stay method-agnostic: nothing of a particular method or network.
-METHOD_AGNOSTIC = ("mediclip_jax.train.loop", "mediclip_jax.evaluate.scoring", "mediclip_jax.evaluate.restore")
+METHOD_AGNOSTIC = ("mediclip_jax.train.loop", "mediclip_jax.evaluate.scoring", "mediclip_jax.evaluate.restore",
+                   "mediclip_jax.export")
 METHOD_SPECIFIC = ("mediclip_jax.methods.mediclip", "mediclip_jax.models")
 
 
