@@ -67,6 +67,11 @@ def load_test_share(dataset: datasets.Dataset, data: ml_collections.ConfigDict) 
   agrees) and each mask must have its image's size (checked on the images of this share as they load)."""
   if data.pixel_metrics not in PIXEL_METRICS:
     raise ValueError(f"config.data.pixel_metrics must be one of {PIXEL_METRICS}, got {data.pixel_metrics!r}")
+  classes = {s.label for s in dataset.test}
+  if classes != {0, 1}:
+    have = "only abnormal" if classes == {1} else "only normal" if classes == {0} else "no"
+    raise datasets.DatasetError(f"{dataset.root}: the test set holds {have} images; AUROC, AP and F1 need both "
+                                "normal and abnormal test images")
   want = {"auto": dataset.has_masks, "on": True, "off": False}[data.pixel_metrics]
   if want and not dataset.has_masks:
     raise ValueError(f"config.data.pixel_metrics='on' but the test set of {dataset.root} has no masks")

@@ -67,7 +67,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from data_pipelines import datasets, run_data
-from mediclip_jax import config_defaults, methods, parallel
+from mediclip_jax import config_defaults, config_utils, methods, parallel
 from mediclip_jax.train import loop, writers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config (configs/bench_*.py[:arg]).",
@@ -815,4 +815,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=config_utils.parse_flags)

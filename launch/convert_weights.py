@@ -32,6 +32,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from mediclip_jax import config_utils
+
 from mediclip_jax.models import vae as vae_lib
 from mediclip_jax.models.clip import load_clip, save_clip
 from mediclip_jax.weights import io, vae_convert
@@ -120,4 +122,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["src", "out"])
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=config_utils.parse_flags)

@@ -20,7 +20,7 @@ from absl import app, flags
 
 from data_pipelines import datasets, run_data
 from data_pipelines.datasets import DatasetError
-from mediclip_jax import parallel
+from mediclip_jax import config_utils, parallel
 from mediclip_jax.evaluate import figures, restore, scoring
 from mediclip_jax.evaluate.normalization import Normalization
 from mediclip_jax.train import writers
@@ -53,7 +53,15 @@ def evaluate_run(workdir: str, mesh, figures_dir: str | None) -> dict:
     raise ValueError(f"{workdir}: the stored config has no data.root; pass --data_root")
   dataset = datasets.load_dataset(root)
   run = restore.load_run(workdir, mesh, config=config, dataset=dataset)
-  norm = Normalization.from_dict(run.metadata["normalization"], f"{workdir} step {run.step}")
+  for problem in run.problems:
+    print(f"WARNING: {problem}; evaluating step {run.step} instead", file=sys.stderr)
+  if run.metadata.get("normalization"):
+    norm = Normalization.from_dict(run.metadata["normalization"], f"{workdir} step {run.step}")
+  else:  # a checkpoint written on SIGTERM before calibration: calibrate on the run's support images now
+    norm = scoring.calibrate(run.trainable.scorer(run.state), run.trainable.calibration_images,
+                             int(config.eval.batch_size), mesh, run.trainable.threshold)
+    print(f"{workdir}: checkpoint step {run.step} was written on SIGTERM without a threshold; calibrated it "
+          "now on the support images", file=sys.stderr)
   test = run_data.load_test_share(dataset, config.data)
   masks = None if test.masks is None else parallel.gather_rows(test.masks.astype(np.uint8), test.valid)
   main = parallel.is_main_process()
@@ -102,4 +110,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("workdir")
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=config_utils.parse_flags)

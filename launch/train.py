@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipelines.datasets import DatasetError
-from mediclip_jax import methods, parallel
+from mediclip_jax import config_utils, methods, parallel
 from mediclip_jax.train import loop, writers
+from mediclip_jax.train.workdir import WorkdirBusy
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, support set). "
@@ -70,7 +71,9 @@ def main(argv) -> int:
       flags.FLAGS["config"].config_filename))[0])
   try:
     results = loop.train_and_evaluate(config, workdir, methods.get(config.method), dump_params=_DUMP_PARAMS.value)
-  except (FileNotFoundError, DatasetError, ValueError) as e:
+  except (OSError, ValueError, FloatingPointError, WorkdirBusy) as e:  # DatasetError, CheckpointError: ValueErrors
+    if flags.FLAGS.verbosity >= 1:
+      traceback.print_exc()
     print(f"error: {e}", file=sys.stderr)
     return 1
   except loop.Interrupted as e:
@@ -85,4 +88,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=config_utils.parse_flags)

@@ -10,13 +10,21 @@ current mesh (tests/test_multiprocess.py restores a 2-process checkpoint in one 
 """
 from __future__ import annotations
 
+import math
 import os
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from mediclip_jax.parallel import replicated
+
+
+class DamagedCheckpoint(ValueError):
+  """No intact checkpoint could be restored (or a damaged one was met where falling back is not allowed)."""
 
 
 def has_checkpoint(directory: str) -> bool:
@@ -54,6 +62,58 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                              metadata=ocp.args.JsonRestore()))
     return out.state, out.metadata
+
+  def steps(self) -> list[int]:
+    """Finished checkpoint steps, newest first."""
+    return sorted(self.manager.all_steps(), reverse=True)
+
+  def restore_intact(self, like_state, mesh: Mesh, fallback: bool = True, set_aside: bool = False
+                     ) -> tuple[int, object, dict, list[str]]:
+    """(step, state, metadata, problems) of the newest checkpoint that restores whole: readable state and
+    metadata, every floating-point value finite. A damaged newer one is reported in `problems` and skipped
+    (with `fallback`, else DamagedCheckpoint), never deleted: with `set_aside` (a resuming trainer) its
+    folder is renamed `<step>.damaged-<unix time>` once an intact one is found, so the run can write that
+    step again. When none restores, nothing is renamed."""
+    damaged = []
+    for step in self.steps():
+      try:
+        state, meta = self.restore(step, like_state, mesh)
+        if not isinstance(meta, dict) or "config" not in meta:
+          raise ValueError("metadata without the run's config")
+        bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(state)
+               if jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(np.asarray(x.addressable_data(0))).all()]
+        if bad:
+          raise ValueError(f"non-finite values in {bad[:3]}")
+      except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many types)
+        problem = f"{os.path.join(self.directory, str(step))}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+        if not fallback:
+          raise DamagedCheckpoint(problem + "; remove or repair it, or allow falling back to an older step") from e
+        damaged.append((step, problem))
+        continue
+      problems = []
+      for bad_step, problem in damaged:
+        if set_aside:
+          aside = os.path.join(self.directory, f"{bad_step}.damaged-{math.floor(time.time())}")
+          os.rename(os.path.join(self.directory, str(bad_step)), aside)
+          problem += f"; moved to {aside}"
+        problems.append(problem)
+      if set_aside and damaged:
+        self.manager.reload()
+      return step, state, meta, problems
+    raise DamagedCheckpoint(f"{self.directory}: no intact checkpoint" +
+                            (": " + "; ".join(p for _, p in damaged) if damaged else ""))
+
+  def newest_metadata(self) -> tuple[int, dict]:
+    """(step, metadata) of the newest checkpoint whose metadata reads (a damaged newer one is skipped here;
+    `restore_intact` reports it)."""
+    for step in self.steps():
+      try:
+        meta = self.restore_metadata(step)
+      except Exception:  # pylint: disable=broad-except
+        continue
+      if isinstance(meta, dict) and "config" in meta:
+        return step, meta
+    raise DamagedCheckpoint(f"{self.directory}: no checkpoint with readable metadata (steps {self.steps()})")
 
   def restore_metadata(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step

@@ -39,6 +39,7 @@ def loop_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 10
   c.train.checkpoint_every_steps = 50
   c.train.max_to_keep = 2
+  c.train.checkpoint_fallback = True  # a damaged newest checkpoint: resume from / score the one before (else refuse)
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 10
   c.eval.batch_size = 32

@@ -1,7 +1,11 @@
 """Helpers for ml_collections config files (`get_config(arg)`), in the big_vision style."""
 from __future__ import annotations
 
+import os
+import sys
+
 import ml_collections
+from absl import flags
 
 
 def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
@@ -40,3 +44,17 @@ def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ml_collections.Con
       except ValueError as e:
         raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__}") from e
   return res
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for launchers (`app.run(main, flags_parser=parse_flags)`), with every bad flag or
+  config override, a misspelt `--config.x.y` included, reported as one line and exit code 2 instead of
+  a traceback. A config file that fails to load keeps its traceback (the error is in the file)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, TypeError) as e:  # ml_collections: unknown field, wrong type
+    message = str(e.args[0] if e.args else e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+  print(f"error: {os.path.basename(argv[0])}: {message}", file=sys.stderr)
+  sys.exit(2)

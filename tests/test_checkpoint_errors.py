@@ -145,23 +145,23 @@ def test_torchscript_archive_is_read_without_unpickling(tmp_path):
 
 
 def test_a_failed_start_removes_only_what_it_created_and_only_without_a_checkpoint(tmp_path):
-  from mediclip_jax.train import loop
+  from mediclip_jax.train import workdir as workdir_lib
   wd = tmp_path / "run"
   wd.mkdir()
   (wd / "notes.txt").write_text("mine")
-  guard = loop.FailedStartCleanup(str(wd))
+  guard = workdir_lib.FailedStartCleanup(str(wd))
   (wd / "config.json").write_text("{}")
   (wd / "support_set.json").write_text("{}")
   (wd / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)  # a save that never finished
   guard.remove_unless_checkpointed()
   assert sorted(p.name for p in wd.iterdir()) == ["notes.txt"]
-  guard = loop.FailedStartCleanup(str(wd))
+  guard = workdir_lib.FailedStartCleanup(str(wd))
   (wd / "config.json").write_text("{}")
   (wd / "checkpoints" / "3").mkdir(parents=True)  # a finished checkpoint: the run exists, keep everything
   guard.remove_unless_checkpointed()
   assert sorted(p.name for p in wd.iterdir()) == ["checkpoints", "config.json", "notes.txt"]
   fresh = tmp_path / "fresh"
-  guard = loop.FailedStartCleanup(str(fresh))
+  guard = workdir_lib.FailedStartCleanup(str(fresh))
   (fresh / "config.json").write_text("{}")
   guard.remove_unless_checkpointed()
   assert not fresh.exists()

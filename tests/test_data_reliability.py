@@ -514,3 +514,14 @@ def test_real_datasets_still_load(shared_dir):
     d = datasets.load_dataset(shared_dir / "data" / name)
     assert len(d.test) == n and all(s.source and os.path.basename(s.source).startswith("test.json:") for s in d.test)
     datasets.check_masks_complete(d)
+
+
+def test_a_test_set_of_one_class_is_refused_before_metrics_turn_nan(tmp_path):
+  root = tmp_path / "one_class"
+  for split in ("train/normal", "test/normal"):
+    (root / split).mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(root / split / "a.png")
+  (root / "test" / "abnormal").mkdir()
+  data = ml_collections.ConfigDict({"pixel_metrics": "auto", "image_size": 8, "color": "grey"})
+  with pytest.raises(datasets.DatasetError, match="holds only normal images; AUROC"):
+    run_data.load_test_share(datasets.load_dataset(root), data)

@@ -19,19 +19,23 @@ class Restored:
   state: object
   metadata: dict
   step: int
+  problems: list[str] = dataclasses.field(default_factory=list)  # damaged newer checkpoints that were skipped
 
 
 def stored_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
-  """The config a run's checkpoint was written with, and the checkpoint's step (latest unless `step`)."""
+  """The config a run's checkpoint was written with, and the checkpoint's step (the newest whose metadata
+  reads, unless `step`)."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{workdir}: no checkpoints/ directory; train with launch/train.py --workdir {workdir}")
   ckpt = checkpoints.Checkpointer(ckpt_dir)
   try:
-    step = ckpt.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"{ckpt_dir}: holds no finished checkpoint")
-    meta = ckpt.restore_metadata(step)
+      if not ckpt.steps():
+        raise FileNotFoundError(f"{ckpt_dir}: holds no finished checkpoint")
+      step, meta = ckpt.newest_metadata()
+    else:
+      meta = ckpt.restore_metadata(step)
   finally:
     ckpt.close()
   return ml_collections.ConfigDict(meta["config"]), int(step)
@@ -42,15 +46,24 @@ def load_run(workdir: str, mesh: Mesh, config: ml_collections.ConfigDict | None 
   """The method of `workdir` built for scoring (nothing written), its state restored replicated on `mesh`.
 
   `config` (default: the stored one) may change evaluation-side fields (data root, eval batch).
-  Without `dataset` the method is built without data (enough to score new images).
+  Without `dataset` the method is built without data (enough to score new images). Without `step`,
+  the newest intact checkpoint: damaged newer ones are listed in `problems` (refused instead when the
+  run's `train.checkpoint_fallback` is False).
   """
-  stored, step = stored_config(workdir, step)
+  stored, stored_step = stored_config(workdir, step)
   config = stored if config is None else config
   method = methods.get(config.method)
   trainable = method.build(config, dataset, workdir, mesh, train=False)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    state, meta = ckpt.restore(step, trainable.state, mesh)
+    if step is not None:
+      state, meta = ckpt.restore(step, trainable.state, mesh)
+      problems = []
+    else:
+      step, state, meta, problems = ckpt.restore_intact(trainable.state, mesh,
+                                                        fallback=config.train.get("checkpoint_fallback", True))
   finally:
     ckpt.close()
-  return Restored(config, trainable, state, meta, step)
+  if step != stored_step:
+    config = ml_collections.ConfigDict(meta["config"]) if config is stored else config
+  return Restored(config, trainable, state, meta, step, problems)

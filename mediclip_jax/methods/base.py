@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Batch = dict[str, np.ndarray]
@@ -29,7 +30,7 @@ class Trainable:
   state: one pytree, replicated on the mesh, of everything training changes and a checkpoint
     holds (step, parameters, optimizer states, EMA copies, memory banks).
   train_step: jitted (state, global batch) -> (state, metrics); donates `state`; None when built
-    for evaluation only (`build(..., train=False)`). Frozen parts
+    for evaluation only (`build(..., train=False)`). Metrics hold "loss" and "finite" (see `keep_finite`). Frozen parts
     (backbones, VAEs, support pools) are its closure's business, not the loop's.
   local_batch: step -> this process's rows of that step's global batch (numpy). A pure
     function of (seed, step), so a resumed run sees exactly the batches it would have seen.
@@ -57,3 +58,21 @@ def quantile_threshold(q: float) -> Callable[[np.ndarray], float]:
   if not 0.0 <= q <= 1.0:
     raise ValueError(f"eval.threshold_quantile must lie in [0, 1], got {q}")
   return lambda scores: float(np.quantile(np.asarray(scores, np.float64), q))
+
+
+def keep_finite(step: Callable[..., tuple[Any, Metrics]]) -> Callable[..., tuple[Any, Metrics]]:
+  """Guards a pure step `(state, *args) -> (state, metrics)`, to be traced inside the method's jit.
+
+  When the loss or any floating-point leaf of the new state is not finite, the step returns the state
+  it was given, unchanged, and `metrics["finite"]` is False: a NaN never enters the state, so it can
+  never reach a checkpoint, and the loop stops at that step (it reads the flag one step behind, so the
+  check costs no pipeline stall). One reduction over the state per step.
+  """
+  def guarded(state, *args):
+    new, metrics = step(state, *args)
+    ok = jnp.isfinite(metrics["loss"])
+    for leaf in jax.tree.leaves(new):
+      if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        ok &= jnp.isfinite(leaf).all()
+    return jax.lax.cond(ok, lambda: new, lambda: state), {**metrics, "finite": ok}
+  return guarded

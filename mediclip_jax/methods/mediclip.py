@@ -25,7 +25,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from data_pipelines import batches, datasets, preprocess, support as support_lib
 from mediclip_jax import parallel, rngs
 from mediclip_jax.methods import losses
-from mediclip_jax.methods.base import Trainable, quantile_threshold
+from mediclip_jax.methods.base import Trainable, keep_finite, quantile_threshold
 from mediclip_jax.models import vae as vae_lib
 from mediclip_jax.models.clip import CLIP_MEAN, CLIP_STD, clip_from_config
 from mediclip_jax.models.mediclip import TRAINABLE, MediCLIP
@@ -186,7 +186,8 @@ def shard_synthesis(synthesize: mix.SynthFn, mesh: Mesh) -> Callable:
 
 def make_train_step(graphdef, optimizer, synthesize: mix.SynthFn, mesh: Mesh,
                     train_cfg: ml_collections.ConfigDict) -> Callable:
-  """Jitted `step(state, frozen, batch) -> (state, metrics)`, `state` donated.
+  """Jitted `step(state, frozen, batch) -> (state, metrics)`, `state` donated, non-finite updates refused
+  (`base.keep_finite`).
 
   frozen = {"model": frozen model state, "pools": synthesis pools, "support": (K,H,W) images};
   batch = {"support_index": (B,) int32, "sample_index": (B,) int32}, both split over `data`.
@@ -200,7 +201,7 @@ def make_train_step(graphdef, optimizer, synthesize: mix.SynthFn, mesh: Mesh,
     return update_on_batch(graphdef, optimizer, train_cfg, state, frozen["model"], syn["image"], syn["mask"])
 
   rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, data), out_shardings=(rep, rep))
+  return jax.jit(keep_finite(step), donate_argnums=0, in_shardings=(rep, rep, data), out_shardings=(rep, rep))
 
 
 def make_scorer(graphdef, frozen_model, mesh: Mesh) -> Callable:
