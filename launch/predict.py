@@ -57,6 +57,9 @@ def _inputs(path: str, size: int, color: str) -> tuple[list[str], list[str | Non
       arr = arr[None]
     if arr.ndim != 3:
       raise ValueError(f"{path}: expected a (N,H,W) or (H,W) grayscale array in [0,1], got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+      raise ValueError(f"{path}: {int((~np.isfinite(arr)).sum())} values are NaN or infinite; expected finite "
+                       "values in [0,1]")
     if arr.min() < 0 or arr.max() > 1:
       raise ValueError(f"{path}: values must lie in [0,1], got [{arr.min():.3g}, {arr.max():.3g}]")
     if arr.shape[1:] != (size, size):
@@ -91,10 +94,7 @@ def _out_names(names: list[str]) -> list[str]:
 
 def _original(path: str | None, color: str) -> np.ndarray | None:
   """The file's own pixels (grey or RGB as the model reads it), for a panel at the original resolution."""
-  if path is None:
-    return None
-  im = Image.open(path).convert("RGB")
-  return np.asarray(im.convert("L") if color == "grey" else im)
+  return None if path is None else preprocess.load_original(path, color)
 
 
 @dataclasses.dataclass
@@ -114,10 +114,12 @@ def jax_model(workdir: str) -> Model:
   from mediclip_jax.evaluate import restore, scoring
   mesh = parallel.make_mesh()
   run = restore.load_run(workdir, mesh)
+  for problem in run.problems:
+    print(f"WARNING: {problem}; using step {run.step} instead", file=sys.stderr)
   cfg = run.config
-  if "normalization" not in run.metadata:
-    raise ValueError(f"{workdir}: checkpoint step {run.step} has no score normalisation (written by an older "
-                     "version); retrain, or re-save it with this version")
+  if not run.metadata.get("normalization"):
+    raise ValueError(f"{workdir}: checkpoint step {run.step} has no decision threshold (it was written on SIGTERM, "
+                     "before calibration, or by an older version): rerun launch/train.py on it to finish the run")
   scorer = run.trainable.scorer(run.state)
   return Model(int(cfg.data.image_size), cfg.data.color, int(cfg.eval.batch_size),
                Normalization.from_dict(run.metadata["normalization"], f"{workdir} step {run.step}"),
@@ -197,14 +199,26 @@ def main(argv) -> int:
     names, files, images = _inputs(_INPUT.value, model.image_size, model.color)
     if _MASK.value and len(names) != 1:
       raise ValueError(f"--mask goes with a single input image; {_INPUT.value} holds {len(names)}")
-    # Any non-zero pixel is lesion (the reference's rule, as data_pipelines.preprocess.load_mask).
-    mask = np.asarray(Image.open(_MASK.value).convert("L")) != 0 if _MASK.value else None
+    mask = None
+    if _MASK.value:  # any non-zero pixel is lesion (the reference's rule, as preprocess.load_mask)
+      mask = preprocess.load_original_mask(_MASK.value)
+      shape = images.shape[1:3] if files[0] is None else _original(files[0], "grey").shape
+      if mask.shape != tuple(shape):
+        raise ValueError(f"--mask {_MASK.value} is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image "
+                         f"{files[0] or _INPUT.value} is {shape[1]}x{shape[0]}; expected the same size")
+    out = _OUT.value or os.path.join(_WORKDIR.value or os.path.dirname(os.path.abspath(_ONNX.value)), "predictions")
+    if os.path.exists(out) and not os.path.isdir(out):
+      raise ValueError(f"--out {out} is a file; expected a folder (created if missing)")
   except (FileNotFoundError, ValueError, OSError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   with writers.count_bar(len(images), "scoring") as bar:
     maps, scores = model.score(images, bar.update)
-  out = _OUT.value or os.path.join(_WORKDIR.value or os.path.dirname(os.path.abspath(_ONNX.value)), "predictions")
+  bad = [n for n, s in zip(names, scores) if not np.isfinite(s)]
+  if bad:
+    print(f"error: the model gave non-finite scores for {len(bad)} images ({bad[:3]}); nothing written",
+          file=sys.stderr)
+    return 1
   os.makedirs(out, exist_ok=True)
   records = []
   with writers.count_bar(len(images), "panels") as bar:

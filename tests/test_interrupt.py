@@ -59,10 +59,16 @@ def test_sigterm_during_an_evaluation(tmp_path, monkeypatch):
   with pytest.raises(loop.Interrupted) as e:
     loop.train_and_evaluate(_config(), str(wd), method)
   ckpt = checkpoints.Checkpointer(str(wd / "checkpoints"))
-  assert e.value.step == 2 and ckpt.latest_step() == 2 and ckpt.restore_metadata(2)["eval_pending"] is True
+  meta = ckpt.restore_metadata(2)
+  assert e.value.step == 2 and ckpt.latest_step() == 2 and meta["eval_pending"] is True
+  assert meta["threshold"] is None and meta["normalization"] is None  # no calibration on the way out
   ckpt.close()
   assert _evals(wd) == [0]
   monkeypatch.undo()
   results = loop.train_and_evaluate(_config(), str(wd), method)
   assert _evals(wd) == [0, 2, 4]  # the interrupted evaluation first, then the rest of the run
   assert results["steps"] == 4 and np.isfinite(results["last_epoch"]["image_auroc"])
+  ckpt = checkpoints.Checkpointer(str(wd / "checkpoints"))
+  meta = ckpt.restore_metadata(4)
+  ckpt.close()
+  assert meta["threshold"] == results["decision"]["threshold"] and meta["normalization"]["low"] is not None

@@ -86,9 +86,10 @@ def evaluate_share(score_batch: BatchScorer, test, all_masks: np.ndarray | None,
 
 
 def calibrate(score_batch: BatchScorer, images: np.ndarray, batch_size: int, mesh: Mesh,
-              threshold: Callable[[np.ndarray], float]) -> normalization.Normalization:
+              threshold: Callable[[np.ndarray], float], progress: Callable[[int], None] | None = None
+              ) -> normalization.Normalization:
   """The decision threshold and score normalisation from normal calibration images (split over processes)."""
   share, valid = batches.process_eval_indices(images.shape[0])
-  m, s = score_share(score_batch, images[share], batch_size, mesh)
+  m, s = score_share(score_batch, images[share], batch_size, mesh, progress)
   m, s = parallel.gather_rows(m, valid), parallel.gather_rows(s, valid)
   return normalization.calibrate(m, threshold(s))

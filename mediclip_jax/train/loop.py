@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import signal
 import time
 import types
@@ -26,6 +25,7 @@ from flax import nnx
 from data_pipelines import run_data
 from mediclip_jax import checkpoints, parallel
 from mediclip_jax.evaluate import figures, scoring
+from mediclip_jax.train import workdir as workdir_lib
 from mediclip_jax.train import writers
 
 UNTRAINED = "untrained (step 0)"  # row labels of the final table
@@ -94,6 +94,40 @@ class _EvaluationAborted(Exception):
   """A SIGTERM arrived while scoring the test set: the evaluation is dropped between two batches."""
 
 
+# What a checkpoint's state and support set depend on: resuming with any of them changed is refused.
+# Where files live (weights, dataset root) and the compute dtype may change.
+RESUME_FIELDS = ("method", "seed", "model", "vae", "data.phantom", "data.image_size", "data.k_shot",
+                 "data.support_file", "data.color")
+RESUME_FREE = ("model.clip.checkpoint", "model.bpe_path", "model.dtype", "vae.path")
+
+
+def check_resumable(config: ml_collections.ConfigDict, step: int, meta: dict, workdir: str) -> None:
+  """Refuses, listing every difference, to resume a checkpoint written with another architecture, data or
+  support set (checked on the stored config, before anything is restored or written)."""
+  stored = ml_collections.ConfigDict(meta["config"])
+
+  def flat(c, prefix=""):
+    out = {}
+    for k, v in c.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else {prefix + k: v})
+    return out
+
+  def norm(v):  # JSON round trip: tuples come back as lists
+    return json.loads(json.dumps(v, default=str))
+
+  new, old = flat(config), flat(stored)
+  diffs = []
+  for key in sorted(set(new) | set(old)):
+    if any(key == f or key.startswith(f + ".") for f in RESUME_FIELDS) and key not in RESUME_FREE:
+      a, b = norm(old.get(key, "<absent>")), norm(new.get(key, "<absent>"))
+      if a != b:
+        diffs.append(f"{key}: {a!r} -> {b!r}")
+  if diffs:
+    raise ValueError(f"{workdir}: cannot resume checkpoint step {step} with a different config ("
+                     + "; ".join(diffs) + "). Use another --workdir, or the values it was trained with "
+                     "(launch/train.py --print_config shows yours; <workdir>/config.json the run's)")
+
+
 def _dump_params(state, path: str) -> None:
   """Writes this process's replica of the state's parameters (flat names) to an .npz file."""
   flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state["params"])}
@@ -139,37 +173,24 @@ def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict
   mesh = parallel.make_mesh()
   parallel.check_global_batch(config.train.batch_size, mesh)
   main = parallel.is_main_process()
-  created = FailedStartCleanup(workdir) if main else None
-  try:
+  if not main:
     return _run(config, workdir, method, dump_params, interrupt, mesh, main)
+  created = workdir_lib.FailedStartCleanup(workdir)
+  try:
+    with workdir_lib.Lock(workdir):
+      return _run(config, workdir, method, dump_params, interrupt, mesh, main)
+  except workdir_lib.WorkdirBusy:
+    raise  # the holder's files, not ours
   except BaseException:
-    if created is not None:
-      created.remove_unless_checkpointed()
+    created.remove_unless_checkpointed()
     raise
 
 
-class FailedStartCleanup:
-  """What this invocation adds to a workdir that holds no checkpoint yet: removed again if the run
-  fails before writing its first checkpoint, so a failed start leaves no config.json, support set
-  or half a metrics log that describe a run which does not exist. Nothing that existed before is touched."""
-
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self.existed = os.path.isdir(workdir)
-    self.before = set(os.listdir(workdir)) if self.existed else set()
-    os.makedirs(workdir, exist_ok=True)
-
-  def remove_unless_checkpointed(self) -> None:
-    if checkpoints.has_checkpoint(os.path.join(self.workdir, "checkpoints")):
-      return
-    for name in set(os.listdir(self.workdir)) - self.before:
-      path = os.path.join(self.workdir, name)
-      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    if not self.existed and not os.listdir(self.workdir):
-      os.rmdir(self.workdir)
-
-
 def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep)
+  resuming = checkpoints.has_checkpoint(ckpt.directory)
+  if resuming:  # before the method builds (and writes its support set) or anything else is written
+    check_resumable(config, *ckpt.newest_metadata(), workdir)
   dataset = run_data.open_dataset(config.data, workdir, config.seed)
   test = run_data.load_test_share(dataset, config.data)
   trainable = method.build(config, dataset, workdir, mesh, train=True)
@@ -180,8 +201,10 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   select_key = "mean_image_pixel_auroc" if test.masks is not None else "image_auroc"
 
   state = trainable.state
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.max_to_keep)
-  start = ckpt.latest_step() or 0
+  start, restored = 0, None
+  if resuming:
+    restored = ckpt.restore_intact(state, mesh, fallback=config.train.checkpoint_fallback, set_aside=main)
+    start = restored[0]
   untrained, best, meta = None, {"score": None}, {}
   progress = writers.Progress(total, start, enabled=main)
   say = progress.write if main else (lambda line: None)
@@ -190,8 +213,10 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
       f"({len(test.valid)} per process); {total} steps of {spe} per epoch")
   for line in trainable.info.get("notes", ()):
     say(line)
-  if start:
-    state, meta = ckpt.restore(start, state, mesh)
+  if restored:
+    _, state, meta, problems = restored
+    for problem in problems:
+      say(f"WARNING: {problem}")
     untrained, best = meta.get("untrained"), meta.get("best", best)
     say(f"resumed from step {start}")
   if main:  # only once the run is known to build (and resume): a rejected config leaves the old one
@@ -202,24 +227,25 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   tb = writers.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if main else None
   calibrated = {}  # step -> Normalization of the state at that step
 
-  def calibrate(step: int):
+  def calibrate(step: int, progress=None):
     if step not in calibrated:
       calibrated.clear()
       calibrated[step] = scoring.calibrate(trainable.scorer(state), trainable.calibration_images,
-                                           config.eval.batch_size, mesh, trainable.threshold)
+                                           config.eval.batch_size, mesh, trainable.threshold, progress)
     return calibrated[step]
 
   multi = jax.process_count() > 1
 
   def evaluate(step: int) -> dict:
-    norm = calibrate(step)
-    with writers.count_bar(len(test.images), f"eval step {step}", enabled=main) as bar:
+    with writers.count_bar(len(test.images) + len(trainable.calibration_images), f"eval step {step}",
+                           enabled=main) as bar:
       def tick(n: int) -> None:
         bar.update(n)
         # One process alone may stop between batches (processes score in lockstep: several agree
         # only at log steps, after the evaluation).
         if interrupt.requested and not multi:
           raise _EvaluationAborted
+      norm = calibrate(step, tick)
       res, maps, scores = scoring.evaluate_share(trainable.scorer(state), test, all_masks, config.eval, mesh,
                                                  norm.threshold, tick)
     if main and config.eval.figures:
@@ -241,10 +267,14 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
       best = {"score": res[select_key], "epoch": step // spe, "metrics": res}
     return best
 
-  def save(step: int, eval_pending: bool = False) -> None:
-    norm = calibrate(step)
-    meta = {"config": json.loads(config.to_json_best_effort()), "step": int(step), "threshold": norm.threshold,
-            "normalization": norm.to_dict(), "eval_pending": eval_pending,
+  def save(step: int, eval_pending: bool = False, calibrated: bool = True) -> None:
+    """Checkpoints the state. Without `calibrated` (a SIGTERM before the last step: scoring the calibration
+    images can take longer than a step) the threshold and normalisation are left out (None); the resumed
+    run calibrates at its next checkpoint, and evaluate.py calibrates such a checkpoint itself."""
+    norm = calibrate(step) if calibrated else None
+    meta = {"config": json.loads(config.to_json_best_effort()), "step": int(step),
+            "threshold": norm and norm.threshold, "normalization": norm and norm.to_dict(),
+            "eval_pending": eval_pending,
             "method": config.method, **trainable.info, "untrained": untrained, "best": best,
             "versions": {"jax": jax.__version__, "python": platform.python_version()}}
     ckpt.save(step, state, json.loads(json.dumps(meta, default=float)), force=True)
@@ -270,28 +300,45 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
     except _EvaluationAborted:  # still pending in the checkpoint
       raise stopped(start) from None
     best = record(start, res, best)
+  last_saved = start or None
+
+  def check_finite(step: int, m) -> None:
+    """Stops the run at a step whose update the method refused as non-finite (`methods.base.keep_finite`):
+    the state is still that of the step before, and no checkpoint is written."""
+    if not bool(m["finite"]):
+      ckpt.close()
+      progress.close()
+      raise FloatingPointError(
+          f"non-finite loss or parameters at step {step} (loss {float(m['loss'])}): stopped there, nothing of it "
+          f"saved; the last checkpoint is {f'step {last_saved}' if last_saved else 'none'}. Lower train.lr or "
+          "check the data")
+
   progress.compiling()
   step = start
   pending = False
+  previous = None  # (step, metrics) of the step before: its flag is read once the next step is queued
   while step < total:
     batch = {k: parallel.global_array(v, mesh) for k, v in trainable.local_batch(step).items()}
     state, m = trainable.train_step(state, batch)
+    if previous is not None:
+      check_finite(*previous)
     step += 1
+    previous = (step, m)
     logged = step % config.train.log_every_steps == 0 or step == total
-    # A SIGTERM may reach the processes at different steps: they agree at log steps (a host sync
-    # there anyway), so all of them stop and checkpoint at the same step.
-    stop = (logged and parallel.any_process(interrupt.requested)) if multi else interrupt.requested
     if logged:
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      if not np.isfinite(m["loss"]):
-        raise FloatingPointError(f"non-finite loss {m['loss']} at step {step}")
+      check_finite(step, m)  # waits for the step: a SIGTERM meanwhile is seen just below
+      m = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
       if main:
         rec = {"step": step, "epoch": step / spe, **{f"train/{k}": v for k, v in m.items()},
                "elapsed_s": time.perf_counter() - t_start}
         metrics_log.write(rec)
         tb.scalars(step, {k: v for k, v in rec.items() if k.startswith("train/")})
+    # A SIGTERM may reach the processes at different steps: they agree at log steps (a host sync
+    # there anyway), so all of them stop and checkpoint at the same step.
+    stop = (logged and parallel.any_process(interrupt.requested)) if multi else interrupt.requested
     progress.update(step, f"loss {m['loss']:.4f}" if logged else "")
     if (step % eval_every == 0 or step == total) and not stop:
+      check_finite(*previous)
       try:
         res = evaluate(step)
       except _EvaluationAborted:  # checkpoint now; the resumed run evaluates this step first
@@ -302,7 +349,9 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
     elif stop and (step % eval_every == 0 or step == total):
       pending = True
     if step % config.train.checkpoint_every_steps == 0 or step == total or stop:
-      save(step, pending)
+      check_finite(*previous)
+      save(step, pending, calibrated=not (stop and step < total))
+      last_saved = step
     if stop and (step < total or pending):
       raise stopped(step)
   ckpt.close()
