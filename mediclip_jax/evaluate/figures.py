@@ -149,7 +149,8 @@ def anomaly_panel(image: np.ndarray, amap: np.ndarray, threshold: float, score: 
   line = (f"{name + ': ' if name else ''}score {score:.3f}{raw} {'>' if abnormal else '<='} threshold "
           f"{threshold:.3g} -> {'ABNORMAL' if abnormal else 'normal'}")
   draw.text((2, 2), line, fill=_ABNORMAL_RGB if abnormal else _NORMAL_RGB, font=font)
-  titles = {"image": "image", "mask": "ground truth", "map": "map (0-1)", "pred": "map > thr", "overlay": "overlay"}
+  titles = {"image": "image", "mask": "ground truth", "map": f"map (threshold {threshold:.3g})", "pred": "map > threshold",
+            "overlay": "overlay"}
   for col, title in titles.items():
     if col in lay.columns:
       draw.text((lay.columns[col] + 2, fs + 8), title, fill=(0, 0, 0), font=font)
