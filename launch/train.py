@@ -39,6 +39,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
                                  "environment (TPU pods, SLURM, Open MPI).")
 _CPU_COLLECTIVES = flags.DEFINE_enum("cpu_collectives", "gloo", ["gloo", "mpi"], "CPU collectives "
                                      "implementation of multi-process CPU runs (ignored by GPU/TPU).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds a process waits for the "
+                                            "coordinator (process 0) and for all processes to join.")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
 _DUMP_PARAMS = flags.DEFINE_bool("dump_params", False, "Each process writes its copy of the final parameters "
                                  "to <workdir>/params_process<i>.npz (checks that processes agree).")
@@ -53,9 +55,11 @@ def init_distributed() -> bool:
     raise app.UsageError("--num_processes/--process_id need --coordinator_address (or use --distributed)")
   try:
     return parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               from_environment=_DISTRIBUTED.value, cpu_collectives=_CPU_COLLECTIVES.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+                               from_environment=_DISTRIBUTED.value, cpu_collectives=_CPU_COLLECTIVES.value,
+                               timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  except ValueError as e:  # bad process numbers, an unreachable coordinator: one line, exit 1
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def main(argv) -> int:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import os
 
+import socket
+import time
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -18,14 +21,33 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Waits until something listens at `address` (host:port), or raises ValueError naming it after
+  `timeout_s`: JAX's own timeout aborts the process with a C++ check failure instead."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"--coordinator_address {address!r}: expected host:port")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+      return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ValueError(f"no coordinator answers at {address} after {timeout_s:g} s ({e}); start process 0 "
+                         "(it hosts the coordinator) or check the address and port") from None
+      time.sleep(0.5)
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, from_environment: bool = False,
-               cpu_collectives: str = "gloo") -> bool:
+               cpu_collectives: str = "gloo", timeout_s: int = 300) -> bool:
   """Joins a multi-process run; returns whether `jax.distributed.initialize` was called.
 
   Must run before anything touches a JAX backend (so no `jax.devices()` or
   `jax.default_backend()` here). CPU collectives are chosen through the config flag,
   which only affects the CPU client: harmless on GPU and TPU, required for CPU runs.
+  A process other than 0 first waits at most `timeout_s` for the coordinator to listen.
   """
   if not coordinator_address and not from_environment:
     return False
@@ -37,8 +59,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   if coordinator_address:
+    if process_id != 0:
+      wait_for_coordinator(coordinator_address, timeout_s)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, initialization_timeout=int(timeout_s))
   else:
     jax.distributed.initialize()
   return True

@@ -141,3 +141,59 @@ def test_resuming_with_another_image_size_or_shot_is_refused_before_anything_is_
   after.pop(".lock", None)
   before.pop(".lock", None)
   assert after == before  # config.json, support set, checkpoints, metrics: all as they were
+
+
+def _launch(script, *args, cwd=None):
+  import subprocess
+  import sys
+  from tests.conftest import REPO
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, str(REPO / "launch" / script), *args], env=env, capture_output=True,
+                        text=True, timeout=300, cwd=cwd)
+
+
+def _one_error_line(stderr: str) -> str:
+  """The launcher's own error line; a traceback fails the test."""
+  assert "Traceback" not in stderr, stderr[-3000:]
+  lines = [l for l in stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, stderr[-3000:]
+  return lines[0]
+
+
+def _cli_cases(tmp_path, wd):
+  import numpy as np
+  from tests.conftest import REPO
+  (tmp_path / "a_file").write_text("x")
+  np.save(tmp_path / "nan.npy", np.full((2, 8, 8), np.nan, np.float32))
+  train = ["--config", str(REPO / "configs" / "chestxray.py") + ":phantom,tiny"]
+  normal = wd / "phantom_data" / "images" / "test" / "normal"
+  image = str(normal / sorted(os.listdir(normal))[0])
+  return [  # (launcher, args, exit code, message)
+      ("train.py", train + ["--workdir", str(tmp_path / "w"), "--config.train.epoch=3"], 2, 'Did you mean "epochs"'),
+      ("train.py", train + ["--workdir", str(tmp_path / "w"), "--config.train.batch_size=0"], 1,
+       "config.train.batch_size must be a positive integer"),
+      ("train.py", train + ["--workdir", str(tmp_path / "a_file")], 1, "a_file"),
+      ("train.py", train + ["--workdir", str(tmp_path / "w"), "--coordinator_address", "127.0.0.1:29523",
+                            "--num_processes", "2", "--process_id", "1", "--distributed_timeout", "2"], 1,
+       "no coordinator answers at 127.0.0.1:29523 after 2 s"),
+      ("evaluate.py", ["--workdir", str(tmp_path / "missing")], 1, "no checkpoints/ directory"),
+      ("evaluate.py", ["--workdir", str(wd), "--smoothing_sigma", "-1", "--out", str(tmp_path / "e.json")], 1,
+       "--smoothing_sigma must be >= 0"),
+      ("predict.py", ["--workdir", str(wd), "--input", str(tmp_path / "nan.npy"), "--out", str(tmp_path / "p")], 1,
+       "values are NaN or infinite"),
+      ("predict.py", ["--workdir", str(wd), "--input", image, "--threshold", "nan", "--out", str(tmp_path / "p")], 1,
+       "needs finite values"),
+      ("predict.py", ["--workdir", str(wd), "--input", image, "--out", str(tmp_path / "a_file")], 1,
+       "is a file; expected a folder"),
+  ]
+
+
+def test_launchers_refuse_bad_input_in_one_line_and_touch_nothing(two_checkpoints, tmp_path):
+  before = _tree_digest(two_checkpoints)
+  for script, args, code, message in _cli_cases(tmp_path, two_checkpoints):
+    proc = _launch(script, *args)
+    assert proc.returncode == code, (script, args, proc.stderr[-2000:])
+    assert message in _one_error_line(proc.stderr), (script, message, proc.stderr[-2000:])
+  assert _tree_digest(two_checkpoints) == before
+  assert not (tmp_path / "w").exists() and not (tmp_path / "p").exists()
+

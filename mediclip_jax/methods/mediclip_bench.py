@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 
 from mediclip_jax import flops, parallel
 from mediclip_jax.methods import mediclip
-from mediclip_jax.methods.base import Trainable
+from mediclip_jax.methods.base import Trainable, keep_finite
 from mediclip_jax.models import vae as vae_lib
 from mediclip_jax.synthesis import mix
 
@@ -99,7 +99,7 @@ def make_fed_train_step(graphdef, optimizer: optax.GradientTransformation, mesh:
                                     batch["mask"])
 
   rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, data), out_shardings=(rep, rep))
+  return jax.jit(keep_finite(step), donate_argnums=0, in_shardings=(rep, rep, data), out_shardings=(rep, rep))
 
 
 def make_synthesis_stage(synthesize: mix.SynthFn, mesh: Mesh) -> Callable:
