@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 import numpy as np
 from absl import app, flags
 
 from data_pipelines import datasets, run_data
-from data_pipelines.datasets import DatasetError
 from mediclip_jax import config_utils, parallel
 from mediclip_jax.evaluate import figures, restore, scoring
 from mediclip_jax.evaluate.normalization import Normalization
@@ -91,7 +91,9 @@ def main(argv) -> int:
     name = names[i] if names.count(names[i]) == 1 else f"{i}_{names[i]}"
     try:
       res = evaluate_run(wd, mesh, os.path.join(fig_root, name) if fig_root else None)
-    except (FileNotFoundError, DatasetError, ValueError) as e:
+    except (OSError, ValueError) as e:  # DatasetError, DamagedCheckpoint: ValueErrors
+      if flags.FLAGS.verbosity >= 1:
+        traceback.print_exc()
       print(f"error: {e}", file=sys.stderr)
       return 1
     per_run[wd] = res

@@ -197,3 +197,18 @@ def test_launchers_refuse_bad_input_in_one_line_and_touch_nothing(two_checkpoint
   assert _tree_digest(two_checkpoints) == before
   assert not (tmp_path / "w").exists() and not (tmp_path / "p").exists()
 
+
+
+def test_evaluate_and_predict_use_the_intact_checkpoint_and_say_so(two_checkpoints, tmp_path):
+  import shutil
+  wd = tmp_path / "run"
+  shutil.copytree(two_checkpoints, wd)
+  _damage(wd / "checkpoints" / "2", "truncated")
+  before = _tree_digest(wd)
+  proc = _launch("evaluate.py", "--workdir", str(wd), "--out", str(tmp_path / "eval.json"))
+  assert proc.returncode == 0 and "checkpoints/2: damaged" in proc.stderr, proc.stderr[-3000:]
+  assert "evaluating step 1 instead" in proc.stderr
+  normal = wd / "phantom_data" / "images" / "test" / "normal"
+  proc = _launch("predict.py", "--workdir", str(wd), "--input", str(normal), "--out", str(tmp_path / "p"))
+  assert proc.returncode == 0 and "checkpoints/2: damaged" in proc.stderr and "using step 1 instead" in proc.stderr
+  assert _tree_digest(wd) == before  # reported, not moved: only a resuming trainer sets it aside
