@@ -212,3 +212,22 @@ def test_evaluate_and_predict_use_the_intact_checkpoint_and_say_so(two_checkpoin
   proc = _launch("predict.py", "--workdir", str(wd), "--input", str(normal), "--out", str(tmp_path / "p"))
   assert proc.returncode == 0 and "checkpoints/2: damaged" in proc.stderr and "using step 1 instead" in proc.stderr
   assert _tree_digest(wd) == before  # reported, not moved: only a resuming trainer sets it aside
+
+
+def test_a_16_bit_image_scores_as_its_8_bit_version(two_checkpoints, shared_dir, tmp_path):
+  import numpy as np
+  from PIL import Image
+  from data_pipelines import preprocess
+  from mediclip_jax import parallel
+  from mediclip_jax.evaluate import restore, scoring
+  src = sorted((shared_dir / "data" / "brainmri" / "images" / "test" / "abnormal").glob("*"))[0]
+  eight = np.asarray(Image.open(src).convert("L"))
+  Image.fromarray(eight).save(tmp_path / "8bit.png")
+  Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "16bit.png")  # full 16-bit range
+  assert Image.open(tmp_path / "16bit.png").mode.startswith("I;16")
+  mesh = parallel.make_mesh()
+  run = restore.load_run(str(two_checkpoints), mesh)
+  size, color = int(run.config.data.image_size), run.config.data.color
+  images = np.stack([preprocess.load_test_image(tmp_path / f, size, color) for f in ("8bit.png", "16bit.png")])
+  maps, scores = scoring.score_share(run.trainable.scorer(run.state), images, 2, mesh)
+  assert abs(scores[0] - scores[1]) < 1e-3 and np.abs(maps[0] - maps[1]).max() < 1e-3
