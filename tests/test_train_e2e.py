@@ -193,3 +193,16 @@ def test_missing_data_fails_fast_naming_directory_layouts_and_the_way_out(tmp_pa
     assert part in proc.stderr, (part, proc.stderr)
   assert time.time() - t0 < 120
   assert not (tmp_path / "w").exists()  # a failed start leaves no workdir describing a run that does not exist
+
+
+def test_rerunning_a_finished_run_changes_nothing(uninterrupted):
+  import hashlib
+
+  def digest():
+    return {str(p.relative_to(uninterrupted)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in uninterrupted.rglob("*") if p.is_file() and p.name not in (".lock", "console.txt")}
+  before = digest()
+  proc = subprocess.run(_train_cmd(uninterrupted), env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "nothing to do" in proc.stderr and "last epoch" in proc.stdout
+  assert digest() == before  # no event file, no figures, no metrics row, results.json as it was

@@ -219,6 +219,15 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
       say(f"WARNING: {problem}")
     untrained, best = meta.get("untrained"), meta.get("best", best)
     say(f"resumed from step {start}")
+    results_path = os.path.join(workdir, "results.json")
+    if start >= total and not meta.get("eval_pending") and os.path.isfile(results_path):
+      with open(results_path, encoding="utf-8") as f:
+        results = json.load(f)
+      if results.get("steps") == total:  # finished: a rerun writes nothing, not even an event file
+        say(f"the run finished at step {start}; nothing to do (results from {results_path})")
+        progress.close()
+        ckpt.close()
+        return results
   if main:  # only once the run is known to build (and resume): a rejected config leaves the old one
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -390,6 +399,8 @@ def summary_rows(results: dict) -> dict[str, dict]:
 
 def decision_line(results: dict) -> str:
   """The stored decision and how it fares on the test set (last epoch), for the console."""
+  if not results.get("decision"):
+    return "decision: not recorded by this run"
   last, d = results["last_epoch"], results["decision"]
   return (f"decision: raw score > {d['threshold']:.4f} (normalised > 0.5; set on the normal support images): "
           f"sensitivity {last.get('image_sensitivity', float('nan')):.3f}, "
