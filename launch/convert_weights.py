@@ -57,19 +57,10 @@ def _n_params(tensors) -> float:
   return sum(int(v.size) for v in tensors.values()) / 1e6
 
 
-def check_finite(tensors: dict, src: str) -> None:
-  """Refuses weights holding NaN or infinity, naming the tensors (a converted NaN would poison every run)."""
-  bad = [k for k, v in tensors.items() if np.issubdtype(np.asarray(v).dtype, np.inexact)
-         and not np.isfinite(np.asarray(v, np.float32)).all()]
-  if bad:
-    raise io.CheckpointError(f"{src}: {len(bad)} tensors hold NaN or infinite values ({', '.join(sorted(bad)[:5])}); "
-                             "expected finite weights")
-
-
 def convert_clip(src: str, out: str, act: str | None = None) -> str:
   """Writes `src` as our CLIP checkpoint in `out`; returns a one-line summary."""
   model = load_clip(src, act=act)
-  check_finite(flat_params(model), src)
+  io.check_finite(flat_params(model), src)
   save_clip(model, out)
   return f"wrote {out}: {model.cfg} ({_n_params(flat_params(model)):.1f} M parameters)"
 
@@ -88,7 +79,7 @@ def convert_taef2(src: str, out: str) -> str:
   vae_lib.load_vae(cfg)  # names and shapes checked against the model
   for name in vae_convert.TAEF2_FILES + vae_convert.TAEF2_SAFETENSORS:
     if os.path.isfile(os.path.join(src, name)):
-      check_finite(io.read_tensors(os.path.join(src, name)), os.path.join(src, name))
+      io.check_finite(io.read_tensors(os.path.join(src, name)), os.path.join(src, name))
   tensors = vae_convert.write_taef2_safetensors(src, out)
   return f"wrote {out}: TAEF2 ({_n_params(tensors):.2f} M parameters)"
 
@@ -96,7 +87,7 @@ def convert_taef2(src: str, out: str) -> str:
 def convert_vae(src: str, out: str, layout: str = "auto") -> str:
   """Writes the AutoencoderKL checkpoint `src` as a diffusers safetensors directory `out`; returns a summary."""
   tensors, arch = vae_convert.read_autoencoder_kl(src, layout=layout)
-  check_finite(tensors, src)
+  io.check_finite(tensors, src)
   cfg = vae_lib.default_config()
   cfg.kind = vae_lib.KIND_KL
   for k, v in arch.items():

@@ -168,7 +168,7 @@ def test_a_failed_start_removes_only_what_it_created_and_only_without_a_checkpoi
 
 
 def test_weights_with_nan_or_infinity_are_refused_naming_the_tensors():
-  from launch.convert_weights import check_finite
+  check_finite = io.check_finite
   check_finite({"a": np.ones(3, np.float32), "step": np.arange(3)}, "ok.safetensors")
   bad = {"a": np.ones(3, np.float32), "visual.proj": np.array([1.0, np.nan]), "b": np.array([np.inf], np.float16)}
   with pytest.raises(CheckpointError, match=r"w\.bin: 2 tensors hold NaN or infinite values \(b, visual\.proj\)"):

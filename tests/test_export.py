@@ -197,24 +197,35 @@ def test_predict_onnx_runs_without_jax(exported, reference, tmp_path):
     assert os.path.getsize(r["panel"]) > 0 and Path(r["panel"]).parent == pred_dir
 
 
+_FIXED_BATCH = """
+import json, sys
+import numpy as np
+from launch import predict  # in its own process: launch modules define absl flags of the same names
+model = predict.onnx_model(sys.argv[1])
+done = []
+maps, scores = model.score(np.load(sys.argv[2]), done.append)
+np.savez(sys.argv[3], maps=maps, scores=scores, done=np.asarray(done), batch=model.batch_size)
+"""
+
+
 @pytest.mark.slow
 def test_predict_onnx_pads_a_fixed_batch_model(exported, reference, tmp_path):
   """A fixed-batch ONNX model (here ours with the batch pinned to 4) scores 5 images: the last batch is padded."""
   import onnx
-  from launch import predict
   from mediclip_jax import export
   _, out, _ = exported
   _, _, images, maps, scores = reference
   m = onnx.load(str(out / "model.onnx"))
   m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
   onnx.save(m, str(tmp_path / "fixed.onnx"))
-  model = predict.onnx_model(str(tmp_path / "fixed.onnx"))
-  assert model.batch_size == 4
-  done = []
-  got_maps, got_scores = model.score(images[:5], done.append)
-  assert done == [4, 1]
-  np.testing.assert_allclose(got_maps, maps[:5], rtol=0, atol=export.MAPS_ATOL)
-  np.testing.assert_allclose(got_scores, scores[:5], rtol=0, atol=export.SCORES_ATOL)
+  np.save(tmp_path / "images.npy", images[:5])
+  proc = _run(["-c", _FIXED_BATCH, str(tmp_path / "fixed.onnx"), str(tmp_path / "images.npy"),
+               str(tmp_path / "got.npz")], timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(tmp_path / "got.npz")
+  assert int(got["batch"]) == 4 and got["done"].tolist() == [4, 1]
+  np.testing.assert_allclose(got["maps"], maps[:5], rtol=0, atol=export.MAPS_ATOL)
+  np.testing.assert_allclose(got["scores"], scores[:5], rtol=0, atol=export.SCORES_ATOL)
 
 
 def test_predict_wants_exactly_one_model(tmp_path):

@@ -174,3 +174,12 @@ def check_tensors(source: str, tensors: Mapping[str, np.ndarray],
     problems.append(f"wrongly shaped tensors ({len(shapes)}): {'; '.join(shapes[:20])}")
   if problems:
     raise CheckpointError(f"{source}: " + " | ".join(problems))
+
+
+def check_finite(tensors: dict, src: str) -> None:
+  """Refuses weights holding NaN or infinity, naming the tensors (converted, they would poison every run)."""
+  bad = [k for k, v in tensors.items() if np.issubdtype(np.asarray(v).dtype, np.inexact)
+         and not np.isfinite(np.asarray(v, np.float32)).all()]
+  if bad:
+    raise CheckpointError(f"{src}: {len(bad)} tensors hold NaN or infinite values ({', '.join(sorted(bad)[:5])}); "
+                          "expected finite weights")
