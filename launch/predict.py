@@ -32,6 +32,7 @@ from PIL import Image
 
 from data_pipelines import preprocess
 from mediclip_jax.evaluate import figures
+from mediclip_jax.evaluate import onnx_model as onnx_file
 from mediclip_jax.evaluate.normalization import Normalization
 from mediclip_jax.train import writers
 
@@ -127,27 +128,11 @@ def jax_model(workdir: str) -> Model:
                                                             progress))
 
 
-ONNX_INPUT, ONNX_OUTPUTS = "images", ("maps", "scores")  # as mediclip_jax.export writes them
-ONNX_FORMAT_VERSION = 1
-
-
 def onnx_model(path: str) -> Model:
   """An ONNX export (launch/export.py) run by onnxruntime on the CPU; no JAX. Metadata from the file."""
+  session, meta = onnx_file.open_session(path)
   try:
-    import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f"--onnx {path} needs onnxruntime: pip install onnxruntime (or the package's "
-                      f"onnx_inference extra)") from e
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such ONNX file")
-  try:
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-  except Exception as e:  # pylint: disable=broad-except  # onnxruntime raises its own types: name the file
-    raise ValueError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from e
-  props = session.get_modelmeta().custom_metadata_map
-  try:  # mediclip_jax.export.onnx_metadata_props: one key per field, JSON-encoded
-    meta = {k: json.loads(v) for k, v in props.items()}
-    if meta.get("format") != "onnx" or meta.get("format_version") != ONNX_FORMAT_VERSION:
+    if meta.get("format") != "onnx" or meta.get("format_version") != onnx_file.FORMAT_VERSION:
       raise ValueError(f"format {meta.get('format')!r} version {meta.get('format_version')!r}")
     size, color = int(meta["image_size"]), str(meta["color"])
     if color not in ("grey", "rgb"):
@@ -155,7 +140,7 @@ def onnx_model(path: str) -> Model:
     norm = Normalization.from_dict(meta["normalization"], f"{path} metadata")
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path}: not an ONNX export of launch/export.py (format 'onnx' version "
-                     f"{ONNX_FORMAT_VERSION} with image_size, color, normalization in its metadata): {e}") from e
+                     f"{onnx_file.FORMAT_VERSION} with image_size, color, normalization in its metadata): {e}") from e
   batch = session.get_inputs()[0].shape[0]
   fixed = batch if isinstance(batch, int) else None  # a symbolic batch (launch/export.py's) takes any size
   batch_size = fixed or max(1, int(meta.get("eval_batch_size", 32)))
@@ -172,7 +157,7 @@ def onnx_model(path: str) -> Model:
       keep = len(chunk)
       if fixed and keep < fixed:  # a fixed-batch model: pad, drop the padded rows
         chunk = np.concatenate([chunk, np.zeros((fixed - keep,) + chunk.shape[1:], np.float32)])
-      m, s = session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: chunk})
+      m, s = session.run(list(onnx_file.OUTPUT_NAMES), {onnx_file.INPUT_NAME: chunk})
       maps.append(m[:keep])
       scores.append(s[:keep])
       if progress:

@@ -44,14 +44,13 @@ import numpy as np
 
 import mediclip_jax
 from mediclip_jax import parallel
-from mediclip_jax.evaluate import restore
+from mediclip_jax.evaluate import onnx_model, restore
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = onnx_model.FORMAT_VERSION
 ONNX_FILE = "model.onnx"
 JAX_FILE = "model.jaxexport"
 METADATA_SUFFIX = ".json"  # the jax.export sidecar: <file>.json
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("maps", "scores")
+INPUT_NAME, OUTPUT_NAMES = onnx_model.INPUT_NAME, onnx_model.OUTPUT_NAMES
 BATCH = "batch"  # the symbolic batch dimension's name in both formats
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 ONNX_OPSET = 23
@@ -218,26 +217,9 @@ def load_jax_export(path: str) -> tuple[Scorer, dict[str, Any]]:
 # ONNX
 # ----------------------------------------------------------------------------------------------
 
-def onnx_metadata_props(meta: dict[str, Any]) -> dict[str, str]:
-  """ONNX metadata_props are strings: one key per field, its value JSON-encoded."""
-  return {k: json.dumps(v) for k, v in meta.items()}
-
-
-def read_onnx_metadata(props: dict[str, str]) -> dict[str, Any]:
-  """The metadata back from an ONNX file's metadata_props (onnxruntime: `get_modelmeta().custom_metadata_map`)."""
-  return {k: json.loads(v) for k, v in props.items()}
-
-
 def load_onnx(path: str) -> tuple[Scorer, dict[str, Any]]:
   """(images -> raw (maps, scores), metadata) of an exported ONNX file, run by onnxruntime on the CPU."""
-  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such ONNX file")
-  try:
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-  except Exception as e:  # pylint: disable=broad-except  # onnxruntime raises its own types: name the file
-    raise ValueError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from e
-  meta = read_onnx_metadata(session.get_modelmeta().custom_metadata_map)
+  session, meta = onnx_model.open_session(path)
 
   def score(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     maps, scores = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.asarray(images, np.float32)})
@@ -274,7 +256,7 @@ def export_onnx(run: restore.Restored, path: str, trained_dtypes: dict[str, str]
     model = jax2onnx.to_onnx(scorer_fn(run), [(BATCH, *input_shape(run))], opset=opset, return_mode="ir",
                              model_name=f"mediclip_jax_{run.config.method}", input_names=[INPUT_NAME],
                              output_names=list(OUTPUT_NAMES))
-    model.metadata_props.update(onnx_metadata_props(meta))
+    model.metadata_props.update(onnx_model.metadata_props(meta))
     model.producer_name, model.producer_version = "mediclip_jax", mediclip_jax.__version__
     weight_bytes = sum(int(np.prod(v.shape.numpy())) * v.dtype.itemsize
                        for v in model.graph.initializers.values() if v.shape is not None and v.dtype is not None)
