@@ -196,6 +196,13 @@ def test_launchers_refuse_bad_input_in_one_line_and_touch_nothing(two_checkpoint
     assert message in _one_error_line(proc.stderr), (script, message, proc.stderr[-2000:])
   assert _tree_digest(two_checkpoints) == before
   assert not (tmp_path / "w").exists() and not (tmp_path / "p").exists()
+  # Evaluating with another data root (here a copy) writes only --out: the run's support set stays as it was.
+  import shutil
+  shutil.copytree(two_checkpoints / "phantom_data", tmp_path / "data_copy")
+  proc = _launch("evaluate.py", "--workdir", str(two_checkpoints), "--data_root", str(tmp_path / "data_copy"),
+                 "--out", str(tmp_path / "eval.json"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _tree_digest(two_checkpoints) == before and (tmp_path / "eval.json").is_file()
 
 
 
