@@ -219,6 +219,18 @@ def _only(folder: Path, expected: tuple[str, ...], what: str) -> None:
     raise DatasetError(f"{folder}: holds {stray[:5]} besides {', '.join(e + '/' for e in expected)} ({what})")
 
 
+def _masks_by_stem(folder: Path) -> dict[str, Path]:
+  """The masks of `folder` by the stem of the image each belongs to (`<stem>` or `<stem>_mask`); a second
+  mask for one stem is refused."""
+  masks: dict[str, Path] = {}
+  for m in _list_images(folder):
+    stem = m.stem[:-5] if m.stem.endswith("_mask") else m.stem
+    if stem in masks:
+      raise DatasetError(f"{m}: a second mask for image stem {stem!r} (first: {masks[stem]})")
+    masks[stem] = m
+  return masks
+
+
 def read_folder(root: str | os.PathLike) -> Dataset:
   """Reads root/{train/normal, test/normal, test/abnormal, [test/masks]}."""
   root = Path(root)
@@ -231,13 +243,7 @@ def read_folder(root: str | os.PathLike) -> Dataset:
   test = [Sample(str(p), rel(p), 0, "normal") for p in _list_images(root / "test" / "normal")]
   abnormal = _list_images(root / "test" / "abnormal")
   mask_dir = root / "test" / "masks"
-  masks: dict[str, Path] = {}
-  if mask_dir.is_dir():
-    for m in _list_images(mask_dir):
-      stem = m.stem[:-5] if m.stem.endswith("_mask") else m.stem
-      if stem in masks:
-        raise DatasetError(f"{m}: a second mask for image stem {stem!r} (first: {masks[stem]})")
-      masks[stem] = m
+  masks = _masks_by_stem(mask_dir) if mask_dir.is_dir() else {}
   stems = set()
   for p in abnormal:
     if p.stem in stems:
@@ -280,11 +286,7 @@ def read_mvtec(root: str | os.PathLike) -> Dataset:
     if gt_root.is_dir():
       if not (gt_root / d.name).is_dir():
         raise DatasetError(f"{d}: no mask folder {gt_root / d.name} (ground_truth/ has masks for other defects)")
-      for m in _list_images(gt_root / d.name):
-        stem = m.stem[:-5] if m.stem.endswith("_mask") else m.stem
-        if stem in masks:
-          raise DatasetError(f"{m}: a second mask for image stem {stem!r} (first: {masks[stem]})")
-        masks[stem] = m
+      masks = _masks_by_stem(gt_root / d.name)
     images = _list_images(d)
     for p in images:
       if gt_root.is_dir() and p.stem not in masks:

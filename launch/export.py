@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import datasets, preprocess
+from data_pipelines import datasets, preprocess, run_data
 from mediclip_jax import export
 from mediclip_jax.train import writers
 
@@ -66,8 +66,7 @@ def check_images(run, n: int, input_path: str | None, data_root: str | None,
     if not files:
       raise FileNotFoundError(f"{input_path}: folder holds no images ({', '.join(datasets.IMAGE_SUFFIXES)})")
   else:
-    data = run.config.data
-    root = data_root or (os.path.join(workdir, "phantom_data") if data.phantom else data.root)
+    root = data_root or run_data.dataset_root(run.config.data, workdir)
     if not root:
       raise ValueError(f"{workdir}: the stored config has no data.root; pass --data_root or --input")
     try:

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from data_pipelines import preprocess
+from data_pipelines import datasets, preprocess
 from mediclip_jax.evaluate import figures
 from mediclip_jax.evaluate import onnx_model as onnx_file
 from mediclip_jax.evaluate.normalization import Normalization
@@ -45,7 +45,7 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/predi
 _THRESHOLD = flags.DEFINE_float("threshold", None, "Override the checkpoint's decision threshold (raw scale).")
 _MASK = flags.DEFINE_string("mask", None, "Ground-truth mask of a single input image, shown in its panel.")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = datasets.IMAGE_SUFFIXES  # what the dataset readers accept
 
 
 def _inputs(path: str, size: int, color: str) -> tuple[list[str], list[str | None], np.ndarray]:

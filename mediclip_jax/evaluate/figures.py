@@ -68,18 +68,19 @@ def _font_size(height: int) -> int:
   return int(np.clip(height // 22, 10, 28))
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-  """Grey (H,W), (H,W,1) or RGB(A) (H,W,3|4), uint8 or float in [0,1] -> (H,W,3) uint8."""
+def rgb_uint8(image, keep_alpha: bool = False) -> np.ndarray:
+  """Grey (H,W), (H,W,1) or RGB(A) (H,W,3|4), uint8 or float in [0,1] (clipped, rounded) -> (H,W,3) uint8;
+  RGBA stays (H,W,4) with `keep_alpha`. What panels draw on and what TensorBoard images are written as."""
   a = np.asarray(image)
-  if a.ndim == 3 and a.shape[-1] == 1:
-    a = a[..., 0]
-  if a.ndim == 3:
-    a = a[..., :3]
-  elif a.ndim != 2:
-    raise ValueError(f"expected an (H,W) or (H,W,3) image, got shape {a.shape}")
+  if a.ndim == 2:
+    a = a[..., None]
+  if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"expected an (H,W) or (H,W,C) image with 1, 3 or 4 channels, got shape {a.shape}")
   if a.dtype != np.uint8:
-    a = (np.clip(a.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
-  return np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a
+    a = (np.clip(a.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+  if a.shape[-1] == 1:
+    return np.repeat(a, 3, axis=-1)
+  return a if keep_alpha else a[..., :3]
 
 
 def _resize(a: np.ndarray, height: int, width: int, resample) -> np.ndarray:
@@ -112,7 +113,7 @@ def anomaly_panel(image: np.ndarray, amap: np.ndarray, threshold: float, score: 
   resolution, the map upsampled bilinearly to it. Callers pass normalised maps and scores
   (`mediclip_jax.evaluate.normalization`: threshold 0.5) and the `raw_score` to print beside them.
   """
-  base = _rgb(original if original is not None else image)
+  base = rgb_uint8(original if original is not None else image)
   h, w = base.shape[:2]
   m = np.asarray(amap, np.float32)
   if m.ndim != 2:

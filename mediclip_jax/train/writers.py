@@ -18,6 +18,8 @@ import numpy as np
 from absl import logging as absl_logging
 from tqdm import tqdm
 
+from mediclip_jax.evaluate import figures
+
 # Loggers of the libraries whose INFO lines drown a run's console. Orbax logs all of its ~40 INFO
 # lines per checkpoint through absl's logger ("absl"); jax logs backend set-up under "jax._src.*".
 THIRD_PARTY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "jaxlib", "tensorstore", "tensorboardX")
@@ -56,18 +58,6 @@ class JsonlWriter:
     self._f.close()
 
 
-def _rgb_uint8(image) -> np.ndarray:
-  """HWC (or HW) uint8, or float in [0, 1], as an HWC RGB uint8 array (floats clipped and rounded)."""
-  x = np.asarray(image)
-  if x.dtype != np.uint8:
-    x = (np.clip(x.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-  if x.ndim == 2:
-    x = x[..., None]
-  if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"expected an HWC image with 1, 3 or 4 channels, got shape {x.shape}")
-  return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-
-
 class TensorBoardWriter:
   """Scalars and images in `<logdir>/events.out.tfevents.*`, via tensorboardX.
 
@@ -100,7 +90,7 @@ class TensorBoardWriter:
     if images:
       w = self._get()
       for tag, img in images.items():
-        w.add_image(tag, _rgb_uint8(img), int(step), dataformats="HWC")
+        w.add_image(tag, figures.rgb_uint8(img, keep_alpha=True), int(step), dataformats="HWC")
       w.flush()
 
   def close(self) -> None:
