@@ -143,10 +143,35 @@ def _mask_image(path: str | os.PathLike) -> Image.Image:
   return _eight_bit(im, path).convert("L")
 
 
+def load_native(path: str | os.PathLike) -> np.ndarray:
+  """The file's 8-bit pixels at its own resolution in its native channels: (H, W) uint8 for grey files,
+  (H, W, 3) for colour ones (the rule per mode above). What dataset records store; `train_array`,
+  `test_array` turn it into model input exactly as the file itself would be read."""
+  return np.asarray(_image(path))
+
+
+def load_native_mask(path: str | os.PathLike) -> np.ndarray:
+  """A mask file at its own resolution as uint8 {0, 1} (any non-zero stored pixel is lesion)."""
+  return (np.asarray(_mask_image(path)) != 0).astype(np.uint8)
+
+
+def _pil(native: np.ndarray) -> Image.Image:
+  a = np.asarray(native)
+  if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3))):
+    raise ValueError(f"expected (H, W), (H, W, 1) or (H, W, 3) uint8 pixels, got {a.dtype} {a.shape}")
+  return Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a, "L" if a.ndim == 2 or
+                         a.shape[-1] == 1 else "RGB")
+
+
+def train_array(native: np.ndarray, size: int = 224) -> np.ndarray:
+  """Training input from native pixels (`load_native`): resize first, then grayscale, as the reference."""
+  im = _pil(native).resize((size, size), Image.BILINEAR).convert("L")
+  return np.asarray(im, np.uint8).astype(np.float32) / 255.0
+
+
 def load_train_image(path: str | os.PathLike, size: int = 224) -> np.ndarray:
   """Training image as the reference reads it: resize first, then grayscale."""
-  im = _image(path).resize((size, size), Image.BILINEAR).convert("L")
-  return np.asarray(im, np.uint8).astype(np.float32) / 255.0
+  return train_array(load_native(path), size)
 
 
 COLORS = ("rgb", "grey")
@@ -157,22 +182,26 @@ def _check_color(color: str) -> None:
     raise ValueError(f"data.color must be one of {COLORS}, got {color!r}")
 
 
-def _test_array(im: Image.Image, size: int, color: str) -> np.ndarray:
-  im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+def test_array(native: np.ndarray, size: int = 224, color: str = "grey") -> np.ndarray:
+  """Test input from native pixels (`load_native`): RGB, resize, then grey for color="grey"."""
+  _check_color(color)
+  im = _pil(native).convert("RGB").resize((size, size), Image.BILINEAR)
   if color == "grey":
     im = im.convert("L")
   return np.asarray(im, np.uint8).astype(np.float32) / 255.0
 
 
-def _mask_array(im: Image.Image, size: int) -> np.ndarray:
-  return (np.asarray(im.resize((size, size), Image.NEAREST)) != 0).astype(np.float32)
+def mask_array(native_mask: np.ndarray, size: int = 224) -> np.ndarray:
+  """A {0, 1} float mask at `size` from a native mask (`load_native_mask`): NEAREST resize, non-zero is lesion."""
+  m = Image.fromarray((np.asarray(native_mask) != 0).astype(np.uint8).reshape(np.shape(native_mask)[:2]), "L")
+  return (np.asarray(m.resize((size, size), Image.NEAREST)) != 0).astype(np.float32)
 
 
 def load_test_image(path: str | os.PathLike, size: int = 224, color: str = "grey") -> np.ndarray:
   """Test image as the reference reads it (RGB, then resize): (H, W, 3) for "rgb", one grey channel (H, W)
   for "grey"."""
   _check_color(color)
-  return _test_array(_image(path), size, color)
+  return test_array(load_native(path), size, color)
 
 
 def load_mask(path: str | os.PathLike | None, size: int = 224) -> np.ndarray:
@@ -180,7 +209,15 @@ def load_mask(path: str | os.PathLike | None, size: int = 224) -> np.ndarray:
   (the reference rule; JPEG ringing counts). None gives an all-zero mask."""
   if path is None:
     return np.zeros((size, size), np.float32)
-  return _mask_array(_mask_image(path), size)
+  return mask_array(load_native_mask(path), size)
+
+
+def check_mask_size(image: np.ndarray, mask: np.ndarray, image_path, mask_path) -> None:
+  """Refuses a mask whose size differs from its image's: resizing both to the model size would stretch it."""
+  (ih, iw), (mh, mw) = np.shape(image)[:2], np.shape(mask)[:2]
+  if (ih, iw) != (mh, mw):
+    raise ValueError(f"{mask_path}: mask is {mw}x{mh} (width x height) but its image {image_path} "
+                     f"is {iw}x{ih}; a mask must have its image's size")
 
 
 def load_test_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike | None, size: int = 224,
@@ -188,24 +225,27 @@ def load_test_pair(image_path: str | os.PathLike, mask_path: str | os.PathLike |
   """`load_test_image` and `load_mask` of an image and its mask (None: all zero), refusing a mask whose size
   (after EXIF orientation) differs from the image's: resizing both to `size` would stretch it silently."""
   _check_color(color)
-  im = _image(image_path)
+  image = load_native(image_path)
   if mask_path is None:
-    return _test_array(im, size, color), np.zeros((size, size), np.float32)
-  m = _mask_image(mask_path)
-  if m.size != im.size:
-    raise ValueError(f"{mask_path}: mask is {m.size[0]}x{m.size[1]} (width x height) but its image {image_path} "
-                     f"is {im.size[0]}x{im.size[1]}; a mask must have its image's size")
-  return _test_array(im, size, color), _mask_array(m, size)
+    return test_array(image, size, color), np.zeros((size, size), np.float32)
+  mask = load_native_mask(mask_path)
+  check_mask_size(image, mask, image_path, mask_path)
+  return test_array(image, size, color), mask_array(mask, size)
 
 
 def load_original(path: str | os.PathLike, color: str = "grey") -> np.ndarray:
   """The file's own pixels at its own resolution, grey (H, W) or RGB (H, W, 3) uint8 as `color` reads it:
   what pictures are drawn on."""
+  return original_array(load_native(path), color)
+
+
+def original_array(native: np.ndarray, color: str = "grey") -> np.ndarray:
+  """Native pixels as `color` reads them, at their own resolution (what pictures are drawn on)."""
   _check_color(color)
-  im = _image(path).convert("RGB")
+  im = _pil(native).convert("RGB")
   return np.asarray(im.convert("L") if color == "grey" else im)
 
 
 def load_original_mask(path: str | os.PathLike) -> np.ndarray:
   """A mask file at its own resolution as booleans (any non-zero pixel is lesion, as `load_mask`)."""
-  return np.asarray(_mask_image(path)) != 0
+  return load_native_mask(path) != 0
