@@ -1,51 +1,50 @@
-"""A run's dataset and this process's share of its test set, as the config's `data` section describes them.
+"""A run's dataset and its test set, as the config's `data` section describes them.
 
-Used by training (evaluation during the run) and by `launch/evaluate.py`, so both read the
-same images the same way.
+The images come from the files of a dataset folder (`data.source="files"`) or from a TFDS ArrayRecord
+build of it (`data.source="tfds"`, `launch/prepare_data.py`); both give the same records
+(`data_pipelines.records`), turned into model input by the same functions, so a run gives the same
+numbers from either. Used by training (evaluation during the run) and by `launch/evaluate.py`.
+
+The test set is a stream of fixed-size batches of this process's share. Held (`eval.streaming=False`,
+the default, right for hundreds of images): the share is read once and kept in host memory. Streamed
+(`eval.streaming=True`): read anew, batch by batch, at every evaluation, so host memory stays bounded
+whatever the size of the test set.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
 
-from data_pipelines import batches, datasets, phantom, preprocess
+from data_pipelines import datasets, grain_input, phantom, preprocess, records
 from mediclip_jax import parallel
 
 PIXEL_METRICS = ("auto", "on", "off")
-
-
-@dataclasses.dataclass
-class TestShare:
-  """This process's padded share of the test set (all of it in a single process).
-
-  images/masks/valid cover the share (n rows); labels and names the whole set (N), since they
-  come from the listing, not from image files.
-  """
-  images: np.ndarray          # (n, H, W) grey or (n, H, W, 3) RGB, float32 in [0, 1]
-  masks: np.ndarray | None    # (n, H, W) {0, 1}, or None without pixel metrics
-  valid: np.ndarray           # (n,) bool: False on the padding rows
-  labels: np.ndarray          # (N,) int32, 1 = abnormal
-  names: list[str]            # (N,)
+SOURCES = ("files", "tfds")
 
 
 def dataset_root(data: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Where a run's data lives: `workdir/phantom_data` for generated phantoms, else `data.root`."""
+  """Where a run's data lives: `workdir/phantom_data` for generated phantoms, `data.tfds_dir` for a TFDS
+  build, else `data.root`."""
+  if data.source == "tfds":
+    return data.tfds_dir
   return os.path.join(workdir, "phantom_data") if data.phantom else data.root
 
 
-def open_dataset(data: ml_collections.ConfigDict, workdir: str, seed: int) -> datasets.Dataset:
-  """Reads `data.root`, or generates the phantom dataset into `workdir/phantom_data` when `data.phantom`."""
+def read_dataset(data: ml_collections.ConfigDict, workdir: str) -> datasets.Dataset:
+  """The run's dataset as it is on disk (writes nothing): `data.root` in any layout `datasets` reads, the
+  run's generated phantoms, or with `data.source="tfds"` the TFDS build at `data.tfds_dir`."""
+  if data.source not in SOURCES:
+    raise ValueError(f"config.data.source must be one of {SOURCES}, got {data.source!r}")
+  if data.source == "tfds":
+    if not data.tfds_dir or data.phantom:
+      raise datasets.DatasetError("config.data.source='tfds' needs config.data.tfds_dir, a dataset built by "
+                                  "launch/prepare_data.py (it prints the directory to pass), and no data.phantom")
+    return records.tfds_dataset(data.tfds_dir)
   root = dataset_root(data, workdir)
-  if data.phantom:
-    marker = os.path.join(root, "samples", "test.json")
-    for turn in ("main", "others"):  # process 0 writes; others write their own copy only without a shared disk
-      if (turn == "main") == parallel.is_main_process() and not os.path.isfile(marker):
-        phantom.make_phantom_dataset(root, n_train=max(data.k_shot, 16), n_test_normal=data.phantom_n_test,
-                                     n_test_abnormal=data.phantom_n_test, size=data.phantom_size, seed=seed)
-      parallel.sync(f"phantom_data_{turn}")
   if not root:
     raise datasets.DatasetError(
         "config.data.root is not set: pass --config.data.root=/path/to/dataset (MediCLIP layout "
@@ -60,11 +59,110 @@ def open_dataset(data: ml_collections.ConfigDict, workdir: str, seed: int) -> da
                                 f"embedded phantom data: --config configs/chestxray.py:phantom,tiny") from e
 
 
-def load_test_share(dataset: datasets.Dataset, data: ml_collections.ConfigDict) -> TestShare:
-  """Loads this process's share of the test set at `data.image_size` in `data.color`, masks per `data.pixel_metrics`.
+def open_dataset(data: ml_collections.ConfigDict, workdir: str, seed: int) -> datasets.Dataset:
+  """`read_dataset`, generating the phantom dataset into `workdir/phantom_data` first when `data.phantom`."""
+  if data.phantom:
+    root = dataset_root(data, workdir)
+    marker = os.path.join(root, "samples", "test.json")
+    for turn in ("main", "others"):  # process 0 writes; others write their own copy only without a shared disk
+      if (turn == "main") == parallel.is_main_process() and not os.path.isfile(marker):
+        phantom.make_phantom_dataset(root, n_train=max(data.k_shot, 16), n_test_normal=data.phantom_n_test,
+                                     n_test_abnormal=data.phantom_n_test, size=data.phantom_size, seed=seed)
+      parallel.sync(f"phantom_data_{turn}")
+  return read_dataset(data, workdir)
+
+
+def _split_source(dataset: datasets.Dataset, split: str, masks: bool = True):
+  """Random access to a split's records; without `masks`, mask files are not read (nor checked)."""
+  samples = dataset.train if split == "train" else dataset.test
+  if dataset.layout == records.TFDS:
+    return records.open_tfds(dataset.root, split)
+  return records.FileSource(samples if masks else [dataclasses.replace(s, mask_path=None) for s in samples])
+
+
+def train_source(dataset: datasets.Dataset):
+  """Random access to the records of `dataset`'s training images (files or TFDS), for streamed training."""
+  return _split_source(dataset, "train")
+
+
+def load_train_images(dataset: datasets.Dataset, samples, size: int) -> np.ndarray:
+  """(k, size, size) float32 training input of `samples` (training samples of `dataset`, from files or records)."""
+  if not samples:
+    return np.zeros((0, size, size), np.float32)
+  if dataset.layout != records.TFDS:
+    return np.stack([preprocess.load_train_image(s.path, size) for s in samples]).astype(np.float32)
+  source, where = records.open_tfds(dataset.root, "train"), {id(s): i for i, s in enumerate(dataset.train)}
+  return np.stack([preprocess.train_array(source[where[id(s)]]["image"], size) for s in samples]).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestTransform:
+  """Record -> model input (picklable, for grain's worker processes): test image, and mask when wanted."""
+  size: int
+  color: str
+  masks: bool
+
+  def __call__(self, record: dict) -> dict:
+    out = {"image": preprocess.test_array(record["image"], self.size, self.color)}
+    if self.masks:
+      out["mask"] = preprocess.mask_array(record["mask"], self.size).astype(np.uint8)
+    return out
+
+
+@dataclasses.dataclass
+class TestSet:
+  """A run's test set: labels and names of all of it, and batches of this process's padded share.
+
+  `batches(n)` yields (images (n,H,W[,3]) float32, masks (n,H,W) uint8 or None, valid (n,) bool, index (n,))
+  in share order; every process yields the same number of batches (scoring is one collective program
+  per batch). `example(i)` reads test image i at its own resolution for pictures: (pixels, mask, name).
+  """
+  samples: tuple[datasets.Sample, ...]
+  labels: np.ndarray          # (N,) int32, 1 = abnormal
+  names: list[str]            # (N,)
+  has_masks: bool             # pixel metrics apply
+  streaming: bool
+  color: str
+  source: object              # random access to the records (data_pipelines.records)
+  transform: TestTransform
+  workers: int = 0
+  held: dict | None = None    # the loaded share when not streaming
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def _stream(self, n: int) -> Iterator[tuple]:
+    for b in grain_input.eval_batches(self.source, batch_size_per_process=n, transform=self.transform,
+                                      worker_count=self.workers):
+      yield b["image"], b.get("mask"), b["valid"], b["index"]
+
+  def batches(self, n: int) -> Iterator[tuple]:
+    if self.streaming:
+      yield from self._stream(n)
+      return
+    if self.held is None or self.held["n"] != n:  # read once, kept for every later evaluation
+      parts = list(self._stream(n))
+      self.held = {"n": n, "parts": parts}
+    yield from self.held["parts"]
+
+  def arrays(self, n: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """This process's share at once, padding dropped: (images, masks or None) (small sets, tests)."""
+    parts = list(self.batches(n))
+    valid = np.concatenate([p[2] for p in parts])
+    images = np.concatenate([p[0] for p in parts])[valid]
+    return images, np.concatenate([p[1] for p in parts])[valid] if self.has_masks else None
+
+  def example(self, i: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+    rec = self.source[i]
+    mask = rec["mask"][..., 0] != 0 if rec["has_mask"] else None
+    return preprocess.original_array(rec["image"], self.color), mask, self.names[i]
+
+
+def test_set(dataset: datasets.Dataset, data: ml_collections.ConfigDict, streaming: bool = False) -> TestSet:
+  """The test set of `dataset` at `data.image_size` in `data.color`, masks per `data.pixel_metrics`.
 
   With masks, every abnormal test image must have one (checked over the whole listing, so every process
-  agrees) and each mask must have its image's size (checked on the images of this share as they load)."""
+  agrees) and each mask must have its image's size (checked as the images are read)."""
   if data.pixel_metrics not in PIXEL_METRICS:
     raise ValueError(f"config.data.pixel_metrics must be one of {PIXEL_METRICS}, got {data.pixel_metrics!r}")
   classes = {s.label for s in dataset.test}
@@ -77,16 +175,9 @@ def load_test_share(dataset: datasets.Dataset, data: ml_collections.ConfigDict) 
     raise ValueError(f"config.data.pixel_metrics='on' but the test set of {dataset.root} has no masks")
   if want:
     datasets.check_masks_complete(dataset)
+  if data.workers < 0:
+    raise ValueError(f"config.data.workers must be >= 0 (0 = read in the main process), got {data.workers}")
   test = dataset.test
-  size = int(data.image_size)
-  share, valid = batches.process_eval_indices(len(test))  # padding repeats the last index
-  loaded: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-  for i in map(int, share):
-    if i not in loaded:
-      s = test[i]
-      loaded[i] = (preprocess.load_test_pair(s.path, s.mask_path, size, data.color) if want
-                   else (preprocess.load_test_image(s.path, size, data.color), None))
-  images = np.stack([loaded[int(i)][0] for i in share]).astype(np.float32)
-  masks = np.stack([loaded[int(i)][1] for i in share]).astype(np.float32) if want else None
-  return TestShare(images=images, masks=masks, valid=valid,
-                   labels=np.asarray([s.label for s in test], np.int32), names=[s.name for s in test])
+  return TestSet(samples=test, labels=np.asarray([s.label for s in test], np.int32), names=[s.name for s in test],
+                 has_masks=want, streaming=streaming, color=data.color, source=_split_source(dataset, "test", want),
+                 transform=TestTransform(int(data.image_size), data.color, want), workers=int(data.workers))

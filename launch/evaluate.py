@@ -2,6 +2,7 @@
 
   python launch/evaluate.py --workdir runs/busi_s1,runs/busi_s2,runs/busi_s3 --out results/busi.json
   python launch/evaluate.py --workdir runs/brainmri --data_root /other/copy/of/brainmri --smoothing_sigma 4
+  python launch/evaluate.py --workdir runs/chest --tfds_dir data/tfds/anomaly_dataset/chest/1.0.0 --streaming
 
 Each run directory is one seed; the JSON holds every run's metrics and their mean and std, with the
 sensitivity and specificity of the run's stored decision threshold. Pictures of each run (ROC/PR/score
@@ -19,7 +20,7 @@ import traceback
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import datasets, run_data
+from data_pipelines import run_data
 from mediclip_jax import config_utils, parallel
 from mediclip_jax.evaluate import figures, restore, scoring
 from mediclip_jax.evaluate.normalization import Normalization
@@ -28,6 +29,10 @@ from mediclip_jax.train import writers
 _WORKDIR = flags.DEFINE_list("workdir", None, "Run directories (comma-separated; one per seed).")
 _OUT = flags.DEFINE_string("out", None, "Results JSON (default: <first workdir>/eval.json).")
 _DATA_ROOT = flags.DEFINE_string("data_root", None, "Override the dataset root stored in the run's config.")
+_TFDS_DIR = flags.DEFINE_string("tfds_dir", None, "Read the test set from this TFDS build (launch/prepare_data.py) "
+                                "instead of the run's data source.")
+_STREAMING = flags.DEFINE_bool("streaming", None, "Stream the test set with bounded host memory (histogram pixel "
+                               "metrics with error bounds); default: the run's eval.streaming.")
 _SIGMA = flags.DEFINE_float("smoothing_sigma", None, "Gaussian smoothing of maps (0 = raw; default: the run's).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Evaluation batch (default: the run's eval.batch_size).")
 _FIGURES = flags.DEFINE_string("figures", None, "Folder for each run's pictures (default: <--out without .json>"
@@ -39,7 +44,7 @@ def evaluate_run(workdir: str, mesh, figures_dir: str | None) -> dict:
   config, _ = restore.stored_config(workdir)
   with config.unlocked():
     if _DATA_ROOT.value:
-      config.data.root, config.data.phantom = _DATA_ROOT.value, False
+      config.data.root, config.data.phantom, config.data.source = _DATA_ROOT.value, False, "files"
     if _SIGMA.value is not None:
       if _SIGMA.value < 0:
         raise ValueError(f"--smoothing_sigma must be >= 0, got {_SIGMA.value}")
@@ -48,10 +53,14 @@ def evaluate_run(workdir: str, mesh, figures_dir: str | None) -> dict:
       if _BATCH.value < 1:
         raise ValueError(f"--batch_size must be >= 1, got {_BATCH.value}")
       config.eval.batch_size = _BATCH.value
-  root = run_data.dataset_root(config.data, workdir)
-  if not root:
-    raise ValueError(f"{workdir}: the stored config has no data.root; pass --data_root")
-  dataset = datasets.load_dataset(root)
+  if _TFDS_DIR.value:
+    with config.unlocked():
+      config.data.source, config.data.tfds_dir, config.data.phantom = "tfds", _TFDS_DIR.value, False
+  if _STREAMING.value is not None:
+    config.eval.streaming = _STREAMING.value
+  if not run_data.dataset_root(config.data, workdir):
+    raise ValueError(f"{workdir}: the stored config has no data.root; pass --data_root or --tfds_dir")
+  dataset = run_data.read_dataset(config.data, workdir)
   run = restore.load_run(workdir, mesh, config=config, dataset=dataset)
   for problem in run.problems:
     print(f"WARNING: {problem}; evaluating step {run.step} instead", file=sys.stderr)
@@ -62,15 +71,14 @@ def evaluate_run(workdir: str, mesh, figures_dir: str | None) -> dict:
                              int(config.eval.batch_size), mesh, run.trainable.threshold)
     print(f"{workdir}: checkpoint step {run.step} was written on SIGTERM without a threshold; calibrated it "
           "now on the support images", file=sys.stderr)
-  test = run_data.load_test_share(dataset, config.data)
-  masks = None if test.masks is None else parallel.gather_rows(test.masks.astype(np.uint8), test.valid)
+  test = run_data.test_set(dataset, config.data, streaming=config.eval.streaming)
   main = parallel.is_main_process()
-  with writers.count_bar(len(test.images), f"evaluating {workdir}", enabled=main) as bar:
-    res, maps, scores = scoring.evaluate_share(run.trainable.scorer(run.state), test, masks, config.eval, mesh,
-                                               norm.threshold, bar.update)
+  with writers.count_bar(len(test), f"evaluating {workdir}", enabled=main) as bar:
+    res, scores, examples = scoring.evaluate(run.trainable.scorer(run.state), test, config.eval, mesh,
+                                             norm.threshold, bar.update)
   if figures_dir is not None and main:
-    figures.write_evaluation(figures_dir, maps, scores, test.labels, dataset.test, norm, config.data.color)
-  res.update(step=run.step, seed=int(config.seed), n_test=int(len(test.labels)),
+    figures.write_evaluation(figures_dir, scores, test.labels, examples, test.example, norm)
+  res.update(step=run.step, seed=int(config.seed), n_test=int(len(test)),
              smoothing_sigma=float(config.eval.smoothing_sigma), threshold=norm.threshold)
   return res
 

@@ -27,6 +27,9 @@ def loop_config() -> ml_collections.ConfigDict:
   c.seed = 100
   c.data = ml_collections.ConfigDict()
   c.data.root = ml_collections.FieldReference(None, field_type=str)  # MediCLIP or plain-folder layout
+  c.data.source = "files"           # "files": read data.root's files | "tfds": a TFDS build (launch/prepare_data.py)
+  c.data.tfds_dir = ml_collections.FieldReference(None, field_type=str)  # with source="tfds": the build's directory
+  c.data.workers = 0                # grain worker processes decoding test (and streamed training) images; 0 = inline
   c.data.phantom = False            # generate the embedded phantom chest dataset into the workdir
   c.data.phantom_size = 224
   c.data.phantom_n_test = 40        # per class (normal / abnormal)
@@ -46,6 +49,8 @@ def loop_config() -> ml_collections.ConfigDict:
   c.eval.smoothing_sigma = 0.0      # reference: raw maps; peers smooth with sigma 4
   c.eval.aupro_max_fpr = 0.3
   c.eval.threshold_quantile = 1.0   # decision threshold: this quantile of the normal calibration scores
+  c.eval.streaming = False          # True: re-read the test set per evaluation in bounded memory (histogram pixel metrics)
+  c.eval.histogram_bits = 20        # streaming: pixel-metric histogram resolution (bins = 2**bits over float32 order)
   c.eval.figures = True             # per evaluation: ROC/PR/histogram and example panels, in figures/ and TensorBoard
   return c
 

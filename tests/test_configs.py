@@ -245,6 +245,8 @@ def _code(src: str) -> str:
 # Fields read only on a branch the runs below do not take, with the reason: checked statically instead.
 BRANCH_ONLY = {
     "vae.layout": "read when an AutoencoderKL checkpoint file is loaded (tests/test_vae.py)",
+    "data.tfds_dir": "read when data.source='tfds' (tests/test_tfds_run.py)",
+    "eval.histogram_bits": "read when eval.streaming (tests/test_tfds_run.py)",
 }
 
 

@@ -332,7 +332,7 @@ def test_corrupt_files_are_refused_naming_the_file(tmp_path, kind):
 
 
 def _data(pixel_metrics="auto", size=32, color="grey") -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({"pixel_metrics": pixel_metrics, "image_size": size, "color": color})
+  return ml_collections.ConfigDict({"pixel_metrics": pixel_metrics, "image_size": size, "color": color, "workers": 0})
 
 
 def _folder(root: Path, mask_size=(20, 16)) -> Path:
@@ -348,12 +348,12 @@ def test_a_mask_of_another_size_than_its_image_is_refused_naming_both(tmp_path):
   d = datasets.load_dataset(_folder(tmp_path / "ds", mask_size=(10, 10)))
   with pytest.raises(ValueError, match=r"a0_mask\.png: mask is 10x10 \(width x height\) but its image "
                                        r".*a0\.png is 20x16; a mask must have its image's size"):
-    run_data.load_test_share(d, _data())
-  share = run_data.load_test_share(d, _data("off"))  # no masks read, no check
-  assert share.masks is None and share.images.shape == (2, 32, 32)
+    run_data.test_set(d, _data()).arrays()
+  images, masks = run_data.test_set(d, _data("off")).arrays()  # no masks read, no check
+  assert masks is None and images.shape == (2, 32, 32)
   ok = datasets.load_dataset(_folder(tmp_path / "ok"))
-  share = run_data.load_test_share(ok, _data())
-  assert share.masks.shape == (2, 32, 32) and share.masks[1].all() and not share.masks[0].any()
+  _, masks = run_data.test_set(ok, _data()).arrays()
+  assert masks.shape == (2, 32, 32) and masks[1].all() and not masks[0].any()
 
 
 # ----------------------------------------------------------------------------- MediCLIP listings
@@ -385,13 +385,13 @@ def test_mediclip_abnormal_image_without_mask_refused_when_others_have_one(tmp_p
   for pm in ("auto", "on"):
     with pytest.raises(DatasetError, match=r"samples/test\.json:3: abnormal test image 'test/abnormal/y\.png' "
                                            r"has no 'mask', while 1 test images .* have one"):
-      run_data.load_test_share(d, _data(pm))
-  assert run_data.load_test_share(d, _data("off")).masks is None
+      run_data.test_set(d, _data(pm))
+  assert run_data.test_set(d, _data("off")).arrays()[1] is None
   none = datasets.load_dataset(_mediclip(tmp_path / "n", [A], [N, NO_MASK(X), NO_MASK(Y)]))
-  share = run_data.load_test_share(none, _data())
-  assert share.masks is None and share.labels.tolist() == [0, 1, 1]
+  test = run_data.test_set(none, _data())
+  assert test.arrays()[1] is None and test.labels.tolist() == [0, 1, 1]
   full = datasets.load_dataset(_mediclip(tmp_path / "f", [A], [N, X, Y]))
-  assert run_data.load_test_share(full, _data()).masks.shape == (3, 32, 32)
+  assert run_data.test_set(full, _data()).arrays()[1].shape == (3, 32, 32)
 
 
 # (name, train lines, test lines, error pattern)
@@ -522,6 +522,6 @@ def test_a_test_set_of_one_class_is_refused_before_metrics_turn_nan(tmp_path):
     (root / split).mkdir(parents=True)
     Image.fromarray(np.full((8, 8), 90, np.uint8)).save(root / split / "a.png")
   (root / "test" / "abnormal").mkdir()
-  data = ml_collections.ConfigDict({"pixel_metrics": "auto", "image_size": 8, "color": "grey"})
+  data = ml_collections.ConfigDict({"pixel_metrics": "auto", "image_size": 8, "color": "grey", "workers": 0})
   with pytest.raises(datasets.DatasetError, match="holds only normal images; AUROC"):
-    run_data.load_test_share(datasets.load_dataset(root), data)
+    run_data.test_set(datasets.load_dataset(root), data)

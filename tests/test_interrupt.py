@@ -27,18 +27,18 @@ def _config():
 
 def _sigterm_in_evaluation_at(steps, monkeypatch):
   """Patches scoring so that evaluating the given steps' state sends SIGTERM after the first batch."""
-  real = scoring.evaluate_share
+  real = scoring.evaluate
   calls = []
 
-  def evaluate_share(score_batch, test, all_masks, eval_cfg, mesh, threshold=None, progress=None):
+  def evaluate(score_batch, test, eval_cfg, mesh, threshold=None, progress=None):
     calls.append(len(calls))
 
     def tick(n):
       if calls[-1] in steps:
         os.kill(os.getpid(), signal.SIGTERM)
       progress(n)
-    return real(score_batch, test, all_masks, eval_cfg, mesh, threshold, tick)
-  monkeypatch.setattr(scoring, "evaluate_share", evaluate_share)
+    return real(score_batch, test, eval_cfg, mesh, threshold, tick)
+  monkeypatch.setattr(scoring, "evaluate", evaluate)
 
 
 def _evals(wd):

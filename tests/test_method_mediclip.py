@@ -77,16 +77,16 @@ def test_reference_feeds_rgb_test_images_and_improved_grey(shared_dir):
   imp.data.root, imp.data.image_size = ref.data.root, ref.data.image_size
   dataset = datasets.load_dataset(ref.data.root)
   i = [s.name for s in dataset.test].index(COLOURED)
-  rgb = run_data.load_test_share(dataset, ref.data)
-  grey = run_data.load_test_share(dataset, imp.data)
-  assert rgb.images.shape[1:] == (64, 64, 3) and grey.images.shape[1:] == (64, 64)
-  assert np.abs(rgb.images[i, ..., 0] - rgb.images[i, ..., 1]).max() > 0.3  # the channels differ
+  rgb = run_data.test_set(dataset, ref.data).arrays()[0]
+  grey = run_data.test_set(dataset, imp.data).arrays()[0]
+  assert rgb.shape[1:] == (64, 64, 3) and grey.shape[1:] == (64, 64)
+  assert np.abs(rgb[i, ..., 0] - rgb[i, ..., 1]).max() > 0.3  # the channels differ
   assert ref.eval.every_epochs == 1 and imp.eval.every_epochs == 10
   # The colour reaches CLIP: the same detector scores the RGB image and its grey version differently.
   mesh = parallel.make_mesh()
   trainable = mc.build(ref, None, "", mesh, train=False)
   score = trainable.scorer(trainable.state)
   pad = lambda x: np.concatenate([x[None]] * jax.device_count())
-  m_rgb, _ = score(parallel.global_array(pad(rgb.images[i]), mesh))
-  m_grey, _ = score(parallel.global_array(pad(grey.images[i]), mesh))
+  m_rgb, _ = score(parallel.global_array(pad(rgb[i]), mesh))
+  m_grey, _ = score(parallel.global_array(pad(grey[i]), mesh))
   assert np.abs(np.asarray(m_rgb) - np.asarray(m_grey)).max() > 1e-4

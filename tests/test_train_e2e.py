@@ -62,11 +62,12 @@ def test_results_equal_an_independent_computation(uninterrupted):
   results = json.loads((wd / "results.json").read_text())
   run, mesh = _restore(wd)
   dataset = run_data.open_dataset(run.config.data, str(wd), run.config.seed)
-  test = run_data.load_test_share(dataset, run.config.data)
-  maps, scores = scoring.score_share(run.trainable.scorer(run.state), test.images, 5, mesh)
+  test = run_data.test_set(dataset, run.config.data)
+  images, masks = test.arrays()
+  maps, scores = scoring.score_share(run.trainable.scorer(run.state), images, 5, mesh)
   last = results["last_epoch"]
   assert abs(roc_auc_score(test.labels, scores) - last["image_auroc"]) < 1e-6
-  assert abs(roc_auc_score(test.masks.ravel() > 0, maps.ravel()) - last["pixel_auroc"]) < 1e-6
+  assert abs(roc_auc_score(masks.ravel() > 0, maps.ravel()) - last["pixel_auroc"]) < 1e-6
   # The untrained row (same config, zero steps) is there, and differs from the trained one.
   assert results["untrained"]["pixel_auroc"] != last["pixel_auroc"]
   assert results["steps"] == 12 and run.step == 12

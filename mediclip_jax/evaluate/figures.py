@@ -16,7 +16,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from data_pipelines import preprocess  # noqa: E402
 from mediclip_jax.evaluate.normalization import Normalization  # noqa: E402
 
 CMAP = "jet"
@@ -236,23 +235,23 @@ def pick_examples(scores: np.ndarray, labels: np.ndarray) -> dict[str, int]:
   return out
 
 
-def write_evaluation(outdir: str, maps: np.ndarray, scores: np.ndarray, labels: np.ndarray, samples,
-                     norm: Normalization, color: str) -> dict[str, np.ndarray]:
+def write_evaluation(outdir: str, scores: np.ndarray, labels: np.ndarray, examples: dict, read_example,
+                     norm: Normalization) -> dict[str, np.ndarray]:
   """One evaluation's pictures in `outdir`: roc_pr_hist.png (raw scores, decision threshold marked; when
-  both classes are present) and a panel per `pick_examples` role, `<role>.png`, at the file's original
-  resolution with its ground truth, the map normalised (threshold 0.5). `samples` are the test set's
-  `data_pipelines.datasets.Sample`s in the order of `maps`. Returns {name: picture} (for TensorBoard)."""
+  both classes are present) and a panel per example role (`pick_examples`), `<role>.png`, at the image's
+  original resolution with its ground truth, the map normalised (threshold 0.5). `examples` is role ->
+  (test index, raw map); `read_example(i)` gives test image i as (pixels, mask or None, name), e.g.
+  `data_pipelines.run_data.TestSet.example`. Returns {name: picture} (for TensorBoard)."""
   os.makedirs(outdir, exist_ok=True)
   pictures = {}
   if 0 < int(np.sum(labels)) < len(labels):
     path = os.path.join(outdir, "roc_pr_hist.png")
     roc_pr_hist(scores, labels, norm.threshold, path)
     pictures["roc_pr_hist"] = np.asarray(Image.open(path).convert("RGB"))
-  for role, i in pick_examples(scores, labels).items():
-    s = samples[i]
-    mask = preprocess.load_original_mask(s.mask_path) if s.mask_path else None
-    panel = anomaly_panel(None, norm(maps[i]), 0.5, float(norm(scores[i])), raw_score=float(scores[i]),
-                          mask=mask, name=s.name, original=preprocess.load_original(s.path, color))
+  for role, (i, raw_map) in examples.items():
+    original, mask, name = read_example(i)
+    panel = anomaly_panel(None, norm(raw_map), 0.5, float(norm(scores[i])), raw_score=float(scores[i]),
+                          mask=mask, name=name, original=original)
     Image.fromarray(panel).save(os.path.join(outdir, f"{role}.png"))
     pictures[role] = panel
   return pictures

@@ -32,8 +32,11 @@ class Trainable:
   train_step: jitted (state, global batch) -> (state, metrics); donates `state`; None when built
     for evaluation only (`build(..., train=False)`). Metrics hold "loss" and "finite" (see `keep_finite`). Frozen parts
     (backbones, VAEs, support pools) are its closure's business, not the loop's.
-  local_batch: step -> this process's rows of that step's global batch (numpy). A pure
-    function of (seed, step), so a resumed run sees exactly the batches it would have seen.
+  local_batch: step -> this process's rows of that step's global batch (numpy), asked for step after step.
+    Either a pure function of (seed, step), or (with `data_iterator`) the next batch of a data stream
+    whose position the checkpoints hold: a resumed run sees exactly the batches it would have seen.
+  data_iterator: the stream `local_batch` draws from (`data_pipelines.grain_input`; get_state/set_state),
+    saved with every checkpoint and restored on resume; None when batches are a function of the step.
   steps_per_epoch: what an "epoch" means for this method's data.
   scorer: state -> a function of one global image batch (B,H,W[,3]) in [0, 1], split over `data`,
     returning (maps (B,H,W), scores (B,)) split the same way. Per-evaluation work (MediCLIP's
@@ -51,6 +54,7 @@ class Trainable:
   calibration_images: np.ndarray
   threshold: Callable[[np.ndarray], float]
   info: dict = dataclasses.field(default_factory=dict)
+  data_iterator: Any = None
 
 
 def quantile_threshold(q: float) -> Callable[[np.ndarray], float]:

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from data_pipelines import batches, datasets, preprocess, support as support_lib
+from data_pipelines import batches, datasets, grain_input, run_data, support as support_lib
 from mediclip_jax import parallel, rngs
 from mediclip_jax.methods import losses
 from mediclip_jax.methods.base import Trainable, keep_finite, quantile_threshold
@@ -46,6 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.k_shot = 16
   c.data.support_file = ml_collections.FieldReference(None, field_type=str)  # fixed support set (JSON)
+  # True: each step's images are every normal training image in turn, streamed by grain (shuffled by seed, the
+  # iterator's position saved in checkpoints); the k-shot support set still feeds cut-paste and calibration.
+  c.data.train_stream = False
   c.model = ml_collections.ConfigDict()
   c.model.clip = ml_collections.ConfigDict({
       # A named architecture (ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, tiny): built at random init, or checked
@@ -190,13 +193,14 @@ def make_train_step(graphdef, optimizer, synthesize: mix.SynthFn, mesh: Mesh,
   (`base.keep_finite`).
 
   frozen = {"model": frozen model state, "pools": synthesis pools, "support": (K,H,W) images};
-  batch = {"support_index": (B,) int32, "sample_index": (B,) int32}, both split over `data`.
+  batch = {"support_index": (B,) int32, "sample_index": (B,) int32}, both split over `data`; or, streaming
+  training images (`data.train_stream`), {"image": (B,H,W) float32, "sample_index"}.
   """
   synthesize = shard_synthesis(synthesize, mesh)
 
   def step(state, frozen, batch):
     key = jax.random.wrap_key_data(state["rng"])
-    images = jnp.take(frozen["support"], batch["support_index"], axis=0)
+    images = batch["image"] if "image" in batch else jnp.take(frozen["support"], batch["support_index"], axis=0)
     syn = synthesize(key, state["step"], images, batch["sample_index"], frozen["pools"])
     return update_on_batch(graphdef, optimizer, train_cfg, state, frozen["model"], syn["image"], syn["mask"])
 
@@ -277,9 +281,7 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
     raise ValueError("MediCLIP training needs a dataset")
   chosen = [] if dataset is None else choose_support(config, dataset, workdir, train)
   size = int(config.data.image_size)
-  support = np.zeros((0, size, size), np.float32)
-  if chosen:
-    support = np.stack([preprocess.load_train_image(s.path, size) for s in chosen]).astype(np.float32)
+  support = run_data.load_train_images(dataset, chosen, size) if chosen else np.zeros((0, size, size), np.float32)
   k, bs, seed = max(support.shape[0], 1), int(config.train.batch_size), int(config.seed)
 
   model = build_detector(config)
@@ -297,8 +299,21 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
     train_step = lambda state, batch: step(state, frozen, batch)
 
   sl = batches.process_slice(bs)
+  stream = None
+  spe = steps_per_epoch(k, bs)
+  if train and config.data.train_stream:
+    source = run_data.train_source(dataset)
+    if len(source) < bs:
+      raise ValueError(f"config.data.train_stream: {dataset.root} has {len(source)} training images, fewer than "
+                       f"one global batch (config.train.batch_size={bs})")
+    stream = grain_input.train_batches(source, global_batch_size=bs, seed=rngs.numpy_seed(seed, rngs.DATA)[0],
+                                       transform=grain_input.TrainImage(size), worker_count=int(config.data.workers))
+    spe = len(source) // bs  # the remainder of each epoch's permutation is dropped: every batch has one size
 
   def local_batch(step: int) -> dict[str, np.ndarray]:
+    if stream is not None:  # the next batch of the stream (the loop asks for steps in order)
+      b = next(stream)
+      return {"image": b["image"], "sample_index": b["sample_index"].astype(np.int32)}
     sup, idx = batch_indices(step, k, bs, seed)
     return {"support_index": sup[sl], "sample_index": idx[sl]}
 
@@ -316,7 +331,7 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
           "support": [s.name for s in chosen], "data_root": dataset.root if dataset else None,
           "backbone": {"architecture": model.clip.cfg.to_dict(),
                        "weights": clip_cfg.checkpoint or "random init (no checkpoint given)"}}
-  return Trainable(state=state, train_step=train_step, local_batch=local_batch,
-                   steps_per_epoch=steps_per_epoch(k, bs),
+  return Trainable(state=state, train_step=train_step, local_batch=local_batch, data_iterator=stream,
+                   steps_per_epoch=spe,
                    scorer=make_scorer(graphdef, frozen_model, mesh), calibration_images=support,
                    threshold=quantile_threshold(config.eval.threshold_quantile), info=info)

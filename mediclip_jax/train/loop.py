@@ -55,6 +55,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.eval.threshold_quantile must lie in [0, 1], got {config.eval.threshold_quantile}")
   if not 0.0 < config.eval.aupro_max_fpr <= 1.0:
     raise ValueError(f"config.eval.aupro_max_fpr must lie in (0, 1], got {config.eval.aupro_max_fpr}")
+  if config.data.source not in run_data.SOURCES:
+    raise ValueError(f"config.data.source must be one of {run_data.SOURCES}, got {config.data.source!r}")
+  if config.data.source == "tfds" and (config.data.phantom or not config.data.tfds_dir):
+    raise ValueError("config.data.source='tfds' needs config.data.tfds_dir (launch/prepare_data.py prints it) and "
+                     "no data.phantom (build phantoms as TFDS with launch/prepare_data.py --phantom N)")
+  if not isinstance(config.data.workers, int) or config.data.workers < 0:
+    raise ValueError(f"config.data.workers must be an integer >= 0 (0 = decode in the main process), "
+                     f"got {config.data.workers!r}")
+  if config.eval.streaming and not 8 <= config.eval.histogram_bits <= 24:
+    raise ValueError(f"config.eval.histogram_bits must lie in [8, 24], got {config.eval.histogram_bits}")
 
 
 class _Interrupt:
@@ -97,7 +107,7 @@ class _EvaluationAborted(Exception):
 # What a checkpoint's state and support set depend on: resuming with any of them changed is refused.
 # Where files live (weights, dataset root) and the compute dtype may change.
 RESUME_FIELDS = ("method", "seed", "model", "vae", "data.phantom", "data.image_size", "data.k_shot",
-                 "data.support_file", "data.color")
+                 "data.support_file", "data.color", "data.train_stream")
 RESUME_FREE = ("model.clip.checkpoint", "model.bpe_path", "model.dtype", "vae.path")
 
 
@@ -120,6 +130,8 @@ def check_resumable(config: ml_collections.ConfigDict, step: int, meta: dict, wo
   for key in sorted(set(new) | set(old)):
     if any(key == f or key.startswith(f + ".") for f in RESUME_FIELDS) and key not in RESUME_FREE:
       a, b = norm(old.get(key, "<absent>")), norm(new.get(key, "<absent>"))
+      if key not in old and not new.get(key):  # a field newer than the run, left off (False/None): as before
+        continue
       if a != b:
         diffs.append(f"{key}: {a!r} -> {b!r}")
   if diffs:
@@ -192,25 +204,25 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   if resuming:  # before the method builds (and writes its support set) or anything else is written
     check_resumable(config, *ckpt.newest_metadata(), workdir)
   dataset = run_data.open_dataset(config.data, workdir, config.seed)
-  test = run_data.load_test_share(dataset, config.data)
+  test = run_data.test_set(dataset, config.data, streaming=config.eval.streaming)
   trainable = method.build(config, dataset, workdir, mesh, train=True)
   spe = trainable.steps_per_epoch
   total = config.train.epochs * spe
-  # Metrics need every mask: gather the shares once (every process then holds all of them).
-  all_masks = None if test.masks is None else parallel.gather_rows(test.masks.astype(np.uint8), test.valid)
-  select_key = "mean_image_pixel_auroc" if test.masks is not None else "image_auroc"
+  select_key = "mean_image_pixel_auroc" if test.has_masks else "image_auroc"
 
   state = trainable.state
   start, restored = 0, None
   if resuming:
     restored = ckpt.restore_intact(state, mesh, fallback=config.train.checkpoint_fallback, set_aside=main)
     start = restored[0]
+    if trainable.data_iterator is not None:  # the stream continues with the batch after the checkpoint's
+      ckpt.restore_data(start, trainable.data_iterator)
   untrained, best, meta = None, {"score": None}, {}
   progress = writers.Progress(total, start, enabled=main)
   say = progress.write if main else (lambda line: None)
   say(f"method={config.method} platform={jax.default_backend()} ({jax.local_devices()[0].device_kind}), "
-      f"{mesh.devices.size} devices, {jax.process_count()} processes; test={len(test.labels)} "
-      f"({len(test.valid)} per process); {total} steps of {spe} per epoch")
+      f"{mesh.devices.size} devices, {jax.process_count()} processes; test={len(test)} "
+      f"({'streamed' if test.streaming else 'held in memory'}); {total} steps of {spe} per epoch")
   for line in trainable.info.get("notes", ()):
     say(line)
   if restored:
@@ -246,7 +258,7 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   multi = jax.process_count() > 1
 
   def evaluate(step: int) -> dict:
-    with writers.count_bar(len(test.images) + len(trainable.calibration_images), f"eval step {step}",
+    with writers.count_bar(len(test) + len(trainable.calibration_images), f"eval step {step}",
                            enabled=main) as bar:
       def tick(n: int) -> None:
         bar.update(n)
@@ -255,11 +267,11 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
         if interrupt.requested and not multi:
           raise _EvaluationAborted
       norm = calibrate(step, tick)
-      res, maps, scores = scoring.evaluate_share(trainable.scorer(state), test, all_masks, config.eval, mesh,
-                                                 norm.threshold, tick)
+      res, scores, examples = scoring.evaluate(trainable.scorer(state), test, config.eval, mesh, norm.threshold,
+                                               tick)
     if main and config.eval.figures:
-      pictures = figures.write_evaluation(os.path.join(workdir, "figures", f"step_{step:06d}"), maps, scores,
-                                          test.labels, dataset.test, norm, config.data.color)
+      pictures = figures.write_evaluation(os.path.join(workdir, "figures", f"step_{step:06d}"), scores,
+                                          test.labels, examples, test.example, norm)
       tb.images(step, {f"eval/{k}": v for k, v in pictures.items()})
     return res
 
@@ -286,7 +298,8 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
             "eval_pending": eval_pending,
             "method": config.method, **trainable.info, "untrained": untrained, "best": best,
             "versions": {"jax": jax.__version__, "python": platform.python_version()}}
-    ckpt.save(step, state, json.loads(json.dumps(meta, default=float)), force=True)
+    ckpt.save(step, state, json.loads(json.dumps(meta, default=float)), force=True,
+              data_iterator=trainable.data_iterator)
 
   eval_every = config.eval.every_epochs * spe
   final = {}
