@@ -110,8 +110,9 @@ class Progress:
   """
 
   def __init__(self, total_steps: int, start_step: int = 0, stream=sys.stderr, enabled: bool = True,
-               log_every_s: float = 30.0):
+               log_every_s: float = 30.0, unit: str = "step"):
     self.total, self.start = int(total_steps), int(start_step)
+    self.unit = unit  # what is counted: "step" (training), "img" (scoring an archive)
     self.stream = stream
     self.enabled = enabled
     self.tty = hasattr(stream, "isatty") and stream.isatty()
@@ -122,7 +123,7 @@ class Progress:
     self._first: tuple[int, float] | None = None  # (step, time) of the first update: the rate's origin
     self.rate: float | None = None  # steady-state steps/s, once two updates have been seen
     self._bar = tqdm(total=self.total, initial=self.start, file=stream, disable=not (enabled and self.tty),
-                     mininterval=0.1, unit="step", dynamic_ncols=True,
+                     mininterval=0.1, unit=unit, dynamic_ncols=True,
                      bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
   def compiling(self) -> None:
@@ -141,9 +142,9 @@ class Progress:
       self.rate = (step - self._first[0]) / (now - self._first[1])
     if self.rate:
       eta = tqdm.format_interval(max(self.total - step, 0) / self.rate)
-      speed = f"{self.rate:.2f} step/s, ETA {eta}"
+      speed = f"{self.rate:.2f} {self.unit}/s, ETA {eta}"
     else:
-      speed = "? step/s"
+      speed = f"? {self.unit}/s"
     if self._compile_t0 is not None:
       self.write(f"compiled in {now - self._compile_t0:.1f} s")
       self._compile_t0 = None
@@ -153,7 +154,7 @@ class Progress:
     self._step = step
     if self.enabled and not self.tty and (now - self._last_line >= self._log_every_s or step == self.total):
       self._last_line = now
-      self.write(f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), {postfix}")
+      self.write(f"{self.unit} {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%), {postfix}")
 
   def write(self, line: str) -> None:
     """Prints `line` above the bar without breaking it."""
