@@ -3,13 +3,17 @@
 A checkpoint holds the trainable parameters (prompts, adapters), the optimizer state, the
 step, the RNG key data and the data position (the step determines the batch order), and
 metadata: the resolved config, preprocessing, the decision threshold and versions. The
-frozen CLIP weights are referenced by the config, not copied. Saving is asynchronous;
+frozen CLIP weights are referenced by the config, not copied. Optionally a third item, "data",
+holds the input pipeline's iterator state, one file per process (`process_<i>-of-<n>.json`, grain's
+orbax handler), so a resumed run continues with the exact next batch (`restore_data`); checkpoints
+without it restore as before. Saving is asynchronous;
 all processes take part (the directory must be on a file system they share); restoring
 works with any device or process count, because arrays are restored replicated onto the
 current mesh (tests/test_multiprocess.py restores a 2-process checkpoint in one process).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
 from jax.sharding import Mesh
 
 from mediclip_jax.parallel import replicated
@@ -33,27 +38,72 @@ def has_checkpoint(directory: str) -> bool:
   return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
+DATA = "data"  # the item holding the data iterator's state
+
+
+class _StateSnapshot:
+  """A data iterator's state taken when `save` is called (the asynchronous write must not see later
+  batches); what grain's handler asks of an iterator."""
+
+  def __init__(self, state: bytes):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
 class Checkpointer:
-  """Thin wrapper over `ocp.CheckpointManager` with items "state" and "metadata"."""
+  """Thin wrapper over `ocp.CheckpointManager` with items "state", "metadata" and optionally "data"."""
 
   def __init__(self, directory: str, max_to_keep: int = 2, save_interval_steps: int = 1):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                            enable_async_checkpointing=True, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "metadata"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "metadata", DATA))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, metadata: dict, force: bool = False) -> bool:
-    """Starts an asynchronous save of a private copy of `state`.
+  def save(self, step: int, state, metadata: dict, force: bool = False, data_iterator=None) -> bool:
+    """Starts an asynchronous save of a private copy of `state`, and of `data_iterator`'s state if given.
 
     The copy matters: the train step donates its state buffers, so without it the next step
-    could overwrite arrays the background writer is still reading.
+    could overwrite arrays the background writer is still reading. The iterator (anything with
+    `get_state() -> bytes`, e.g. `grain_input.TrainBatches`) is read now, each process writing its own.
     """
     state = jax.tree.map(lambda x: x.copy(), state)
-    return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                           metadata=ocp.args.JsonSave(metadata)), force=force)
+    items = {"state": ocp.args.StandardSave(state), "metadata": ocp.args.JsonSave(metadata)}
+    if data_iterator is not None:
+      snapshot = data_iterator.get_state()
+      items[DATA] = grain_checkpoint.CheckpointSave(_StateSnapshot(
+          snapshot.encode() if isinstance(snapshot, str) else snapshot))
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def has_data(self, step: int) -> bool:
+    """Whether checkpoint `step` holds a data iterator state."""
+    return os.path.isdir(os.path.join(self.directory, str(step), DATA))
+
+  def restore_data(self, step: int, data_iterator) -> None:
+    """Sets `data_iterator` (with `set_state`, e.g. `grain_input.TrainBatches`) to the state this process
+    saved at `step`. Refuses, naming the checkpoint, one without a data item or written by another
+    process count."""
+    where = os.path.join(self.directory, str(step))
+    folder = os.path.join(where, DATA)
+    if not os.path.isdir(where):
+      raise FileNotFoundError(f"{where}: no such checkpoint (steps {self.steps()})")
+    if not os.path.isdir(folder):
+      raise ValueError(f"{where}: the checkpoint has no data iterator state (saved without data_iterator=); "
+                       f"continue by position instead (the batch index is the step)")
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.isfile(os.path.join(folder, name)):
+      saved = sorted(f for f in os.listdir(folder) if f.startswith("process_"))
+      raise ValueError(f"{where}: no data iterator state for process {jax.process_index()} of "
+                       f"{jax.process_count()} ({name}); the checkpoint holds {saved or 'none'}, written by "
+                       "another process count")
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain_checkpoint.CheckpointRestore(data_iterator)}))
+    except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{folder}/{name}: cannot restore the data iterator: {e}") from e
 
   def restore(self, step: int, like_state, mesh: Mesh):
     """Restores `state` (shaped like `like_state`, placed replicated on `mesh`) and metadata."""
