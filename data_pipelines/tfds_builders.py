@@ -136,22 +136,22 @@ def _run_chunk(fn, items):
   return [fn(x) for x in items]
 
 
-def _ordered_map(fn, items, workers: int):
-  """fn over items in order; in `workers` spawned processes when > 1, with at most 2 chunks per worker in
-  flight, so memory stays bounded whatever the number of items."""
-  if workers <= 1:
+def _ordered_map(fn, items, executor):
+  """fn over items in order; in the executor's worker processes when given, with at most 2 chunks per worker
+  in flight, so memory stays bounded whatever the number of items."""
+  if executor is None:
     yield from map(fn, items)
     return
   it = iter(items)
   chunks = iter(lambda: list(itertools.islice(it, _CHUNK)), [])  # lists of _CHUNK items until exhausted
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-    pending = collections.deque(ex.submit(_run_chunk, fn, c) for c in itertools.islice(chunks, 2 * workers))
-    while pending:
-      done = pending.popleft().result()
-      nxt = next(chunks, None)
-      if nxt is not None:
-        pending.append(ex.submit(_run_chunk, fn, nxt))
-      yield from done
+  pending = collections.deque(executor.submit(_run_chunk, fn, c)
+                              for c in itertools.islice(chunks, 2 * executor._max_workers))  # pylint: disable=protected-access
+  while pending:
+    done = pending.popleft().result()
+    nxt = next(chunks, None)
+    if nxt is not None:
+      pending.append(executor.submit(_run_chunk, fn, nxt))
+    yield from done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,10 +276,24 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                               source=self._source(), masks=self._masks(), builder_version=str(self.VERSION))
     return {split: self._generate_examples(split, items) for split, items in self._split_items().items()}
 
+  def _executor(self):
+    """The worker processes (spawned once per build, on first use; `close_workers` ends them), or None."""
+    if self.workers <= 1:
+      return None
+    if getattr(self, "_pool", None) is None:
+      self._pool = concurrent.futures.ProcessPoolExecutor(self.workers,
+                                                          mp_context=multiprocessing.get_context("spawn"))
+    return self._pool
+
+  def close_workers(self) -> None:
+    if getattr(self, "_pool", None) is not None:
+      self._pool.shutdown(cancel_futures=True)
+      self._pool = None
+
   def _generate_examples(self, split: str, items):
     bar = _Progress(f"{self.name}/{self.builder_config.name} {split}", len(items), self.progress)
     try:
-      for key, example in _ordered_map(self._example_fn(), items, self.workers):
+      for key, example in _ordered_map(self._example_fn(), items, self._executor()):
         yield key, example
         bar.update()
     finally:
@@ -457,6 +471,7 @@ def build(builder: _Builder, overwrite: bool = False) -> BuildResult:
         contextlib.redirect_stdout(io.StringIO()):
       builder.download_and_prepare(download_dir=downloads)
   finally:
+    builder.close_workers()
     if active:
       tfds.enable_progress_bar()
   seconds = time.perf_counter() - t0
