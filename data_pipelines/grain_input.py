@@ -252,8 +252,10 @@ def train_batches(source, *, global_batch_size: int, seed: int, transform: Calla
 
   `transform(record) -> dict of fixed-shape arrays` runs per record (in the workers when
   `worker_count` > 0). `shard_options` defaults to this JAX process (ShardByJaxProcess); tests pass
-  ShardOptions(p, P). `num_epochs` None repeats forever. `worker_buffer_size` batches are held per
-  worker, `prefetch` per reading process with `read_threads` threads building batches.
+  ShardOptions(p, P). `num_epochs` None repeats forever. Memory: each reading process (this one, or
+  each worker) builds batches with `read_threads` threads and holds up to `prefetch` of them; each
+  worker hands over up to `worker_buffer_size` more, so at most about
+  (worker_count + 1) * prefetch + worker_count * worker_buffer_size batches exist at once.
   """
   p, n_proc = _shard(shard_options)
   if not isinstance(global_batch_size, int) or global_batch_size < 1:

@@ -8,8 +8,9 @@
 
 For each worker count (--workers) it builds `grain_input.train_batches` (seed-pure shuffle, repeated
 epochs) with --transform train (`preprocess.train_array`) or test (`test_array` + `mask_array`), and
-reports the first-batch latency (worker start included) and the steady rate over the next
---batches batches, in images/s and batches/s of this host (--batch_size rows per batch; a host's
+reports the first-batch latency (worker start included) and the steady rate over --batches batches
+after --warmup more (which drain what the workers buffered while the first was awaited), in images/s
+and batches/s of this host (--batch_size rows per batch; a host's
 share of a global batch). Worker processes run beside this one: on a machine with few cores they
 compete with it (and with a train step running there), so more workers can be slower.
 
@@ -41,7 +42,9 @@ _TRANSFORM = flags.DEFINE_enum("transform", "train", ["train", "test"], "train: 
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input size.")
 _COLOR = flags.DEFINE_enum("color", "grey", ["grey", "rgb"], "Test images' colour (--transform test).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows per batch on this host.")
-_BATCHES = flags.DEFINE_integer("batches", 30, "Batches timed after the first.")
+_WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed batches after the first (they drain what the workers "
+                               "buffered while starting; at least the workers' total buffer).")
+_BATCHES = flags.DEFINE_integer("batches", 30, "Batches timed after the warm-up.")
 _WORKERS = flags.DEFINE_string("workers", "0,2,4", "Comma-separated worker process counts.")
 _READ_THREADS = flags.DEFINE_integer("read_threads", 2, "Threads building batches in each reading process.")
 _PREFETCH = flags.DEFINE_integer("prefetch", 2, "Batches buffered per reading process.")
@@ -108,6 +111,8 @@ def measure(source, workers: int, transform) -> dict:
                                  prefetch=_PREFETCH.value, shard_options=sharding.ShardOptions(0, 1)) as it:
     next(it)
     first = time.perf_counter() - t0
+    for _ in range(_WARMUP.value):
+      next(it)
     t1 = time.perf_counter()
     for _ in range(_BATCHES.value):
       next(it)
@@ -123,14 +128,14 @@ def main(argv) -> int:
     workers = [int(w) for w in _WORKERS.value.split(",") if w.strip()]
   except ValueError:
     raise app.UsageError(f"--workers: comma-separated integers, got {_WORKERS.value!r}") from None
-  if not workers or min(workers) < 0 or _BATCHES.value < 1 or _BATCH_SIZE.value < 1:
-    raise app.UsageError("--workers >= 0 each, --batches and --batch_size positive")
+  if not workers or min(workers) < 0 or _BATCHES.value < 1 or _BATCH_SIZE.value < 1 or _WARMUP.value < 0:
+    raise app.UsageError("--workers >= 0 each, --batches and --batch_size positive, --warmup >= 0")
   step, step_from = step_images_per_s()
   source, what = open_source()
   transform = (grain_input.TrainImage(_IMAGE_SIZE.value) if _TRANSFORM.value == "train"
                else grain_input.TestImage(_IMAGE_SIZE.value, _COLOR.value))
   print(f"input pipeline: {what}; {_TRANSFORM.value} transform at {_IMAGE_SIZE.value} px, batch {_BATCH_SIZE.value} "
-        f"per host, {_BATCHES.value} batches timed after the first; {os.cpu_count()} CPUs")
+        f"per host, {_BATCHES.value} batches timed after {1 + _WARMUP.value}; {os.cpu_count()} CPUs")
   rows = [measure(source, w, transform) for w in workers]
   header = f"{'workers':>7s} {'images/s':>10s} {'batches/s':>10s} {'first batch s':>14s}"
   if step:

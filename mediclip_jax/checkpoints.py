@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from grain import checkpoint as grain_checkpoint
 from jax.sharding import Mesh
 
 from mediclip_jax.parallel import replicated
@@ -39,6 +38,13 @@ def has_checkpoint(directory: str) -> bool:
 
 
 DATA = "data"  # the item holding the data iterator's state
+
+
+def _grain_checkpoint():
+  """grain's orbax handler arguments, imported only where a data iterator is saved or restored (grain is
+  needed for streamed data only; checkpoints of state and metadata work without it)."""
+  from grain import checkpoint as grain_checkpoint  # pylint: disable=import-outside-toplevel
+  return grain_checkpoint
 
 
 class _StateSnapshot:
@@ -75,7 +81,7 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state), "metadata": ocp.args.JsonSave(metadata)}
     if data_iterator is not None:
       snapshot = data_iterator.get_state()
-      items[DATA] = grain_checkpoint.CheckpointSave(_StateSnapshot(
+      items[DATA] = _grain_checkpoint().CheckpointSave(_StateSnapshot(
           snapshot.encode() if isinstance(snapshot, str) else snapshot))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -101,7 +107,7 @@ class Checkpointer:
                        f"{jax.process_count()} ({name}); the checkpoint holds {saved or 'none'}, written by "
                        "another process count")
     try:
-      self.manager.restore(step, args=ocp.args.Composite(**{DATA: grain_checkpoint.CheckpointRestore(data_iterator)}))
+      self.manager.restore(step, args=ocp.args.Composite(**{DATA: _grain_checkpoint().CheckpointRestore(data_iterator)}))
     except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f"{folder}/{name}: cannot restore the data iterator: {e}") from e
 

@@ -249,7 +249,7 @@ def test_bench_input_on_phantom_images(tmp_path):
                                "device": {"process_count": 1}}))
   t0 = time.time()
   out = subprocess.run([sys.executable, str(REPO / "launch" / "bench_input.py"), "--phantom", "24", "--phantom_size", "64", "--image_size",
-                        "32", "--batch_size", "4", "--batches", "4", "--workers", "0,1", "--bench_json", str(bench)],
+                        "32", "--batch_size", "4", "--batches", "4", "--warmup", "1", "--workers", "0,1", "--bench_json", str(bench)],
                        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stdout + out.stderr
