@@ -386,7 +386,7 @@ def main(argv) -> int:
   progress.close()
   rows.close()
   chosen = top.items()
-  stems = _out_names([inputs.names[i] for i, _, _ in chosen])
+  stems = _out_names([os.path.basename(inputs.names[i]) for i, _, _ in chosen])  # record names may hold folders
   panels = []
   with writers.count_bar(len(chosen), "panels") as bar:
     for (i, raw, m), stem in zip(chosen, stems):
