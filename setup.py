@@ -45,5 +45,8 @@ setup(
         # JAX-free env installs the package itself with --no-deps (docs/export.md):
         #   pip install --no-deps -e . && pip install onnxruntime numpy pillow matplotlib absl-py tqdm
         "onnx_inference": ["onnxruntime>=1.24.1", "numpy", "pillow", "matplotlib", "absl-py", "tqdm"],
+        # TFDS ArrayRecord datasets (launch/prepare_data.py, data.source="tfds") read by random access through
+        # grain; no TensorFlow: tensorflow-datasets declares it only in its own extras (docs/data.md).
+        "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8.6", "grain>=0.2.18"],
     },
 )

@@ -298,6 +298,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         bar.update()
     finally:
       bar.close()
+    if self.progress:  # TFDS now orders the examples by key hash and writes the files: no progress of its own
+      print(f"{bar.desc}: writing {len(items)} records", file=bar.stream, flush=True)
 
 
 class AnomalyDataset(_Builder, skip_registration=True):

@@ -105,7 +105,7 @@ def main(argv) -> int:
   try:
     builder = make_builder()
     print(f"{builder.name}/{builder.builder_config.name}: {builder.info.description}; "
-          f"{builder.channels} channel(s), building into {builder.data_dir}", file=sys.stderr)
+          f"{builder.channels} channel(s), into {builder.data_dir}", file=sys.stderr)
     result = _builders().build(builder, overwrite=_OVERWRITE.value)
     info = records.tfds_info(result.directory)
   except (OSError, ValueError) as e:  # DatasetError is a ValueError
