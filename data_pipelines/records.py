@@ -258,18 +258,25 @@ def _is_version_dir(p: Path) -> bool:
 
 
 def _built_under(root: Path) -> list[Path]:
-  """Version directories of built datasets at `root`, root/<builder>/<version> or
-  root/<builder>/<config>/<version> (TFDS's temporary `incomplete.*` folders of a running build excluded)."""
+  """Version directories of built datasets at `root`: root itself, or root/<version>, root/<builder>/<version>
+  or root/<builder>/<config>/<version> (TFDS's temporary `incomplete.*` folders of a running build, hidden
+  folders and `downloads` excluded). Only directories are listed, so a folder of many images is cheap."""
   if _is_version_dir(root):
     return [root]
-  found = []
-  for pattern in ("*/*", "*/*/*", "*"):
-    for p in sorted(root.glob(pattern)):
-      if any(part.startswith(("incomplete", ".")) or part == "downloads" for part in p.relative_to(root).parts):
+  found, level = [], [root]
+  for _ in range(3):
+    nxt = []
+    for d in level:
+      try:
+        entries = sorted(os.scandir(d), key=lambda e: e.name)
+      except OSError:
         continue
-      if p.is_dir() and _is_version_dir(p):
-        found.append(p)
-  return sorted(set(found))
+      for e in entries:
+        if e.name.startswith(("incomplete", ".")) or e.name == "downloads" or not e.is_dir():
+          continue
+        (found if _is_version_dir(Path(e.path)) else nxt).append(Path(e.path))
+    level = nxt
+  return found
 
 
 def is_tfds_dir(path: str | os.PathLike) -> bool:
