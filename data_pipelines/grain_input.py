@@ -104,7 +104,7 @@ class TrainImage:
 
 
 @dataclasses.dataclass(frozen=True)
-class TestImage:
+class EvalImage:
   """Evaluation input of a record: image (preprocess.test_array), mask at `size`, label, has_mask."""
   size: int = 224
   color: str = "grey"

@@ -133,7 +133,7 @@ def main(argv) -> int:
   step, step_from = step_images_per_s()
   source, what = open_source()
   transform = (grain_input.TrainImage(_IMAGE_SIZE.value) if _TRANSFORM.value == "train"
-               else grain_input.TestImage(_IMAGE_SIZE.value, _COLOR.value))
+               else grain_input.EvalImage(_IMAGE_SIZE.value, _COLOR.value))
   print(f"input pipeline: {what}; {_TRANSFORM.value} transform at {_IMAGE_SIZE.value} px, batch {_BATCH_SIZE.value} "
         f"per host, {_BATCHES.value} batches timed after {1 + _WARMUP.value}; {os.cpu_count()} CPUs")
   rows = [measure(source, w, transform) for w in workers]
