@@ -182,8 +182,8 @@ class TrainBatches:
             f"{ld.steps_per_epoch} steps per epoch over {ld.n} records, at batch {self._next})")
 
   def _fingerprint(self) -> dict:
-    return {"seed": self._load.seed, "global_batch_size": self._load.global_batch_size,
-            "num_records": self._load.n, "num_epochs": self.num_epochs}
+    """What fixes the stream's batches (not the epoch count: it only says where the stream ends)."""
+    return {"seed": self._load.seed, "global_batch_size": self._load.global_batch_size, "num_records": self._load.n}
 
   def start_prefetch(self) -> None:
     if self._it is None:

@@ -132,6 +132,9 @@ def test_resume_from_state_gives_the_uninterrupted_batches(workers):
     b = _take(fresh, 5)
   _same(a, b)
   assert json.loads(state)["next_batch"] == 7
+  with _train(num_epochs=3) as bounded:  # the epoch count only says where the stream ends
+    bounded.set_state(state)
+    _same(a, _take(bounded, 5))
   with _train(seed=6) as other, pytest.raises(ValueError, match="seed: saved 5, now 6"):
     other.set_state(state)
 
