@@ -43,7 +43,8 @@ _INT32 = 2**31
 
 def _mix_seed(seed: int, epoch: int) -> int:
   """A 32-bit shuffle seed for (seed, epoch): well mixed, so seed s epoch e+1 is unrelated to seed s+1 epoch e."""
-  return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, int(epoch)]).generate_state(1)[0])
+  s = int(seed) % 2**64  # any integer seed, negative ones included
+  return int(np.random.SeedSequence([s & 0xFFFFFFFF, s >> 32, int(epoch)]).generate_state(1)[0])
 
 
 def _mp_prefetch(ds: grain.IterDataset, options: grain.MultiprocessingOptions) -> grain.IterDataset:
