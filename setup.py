@@ -21,6 +21,7 @@ setup(
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "tqdm",  # training progress bar
         "matplotlib",  # colour maps and ROC/PR/histogram figures (evaluate/figures.py, Agg backend)
+        "grain>=0.2.18",  # the input pipeline (data_pipelines/grain_input.py): files and TFDS builds alike
     ],
     extras_require={
         # Reference implementations for parity tests; torch pinned to the CPU build that is available offline.
@@ -47,6 +48,6 @@ setup(
         "onnx_inference": ["onnxruntime>=1.24.1", "numpy", "pillow", "matplotlib", "absl-py", "tqdm"],
         # TFDS ArrayRecord datasets (launch/prepare_data.py, data.source="tfds") read by random access through
         # grain; no TensorFlow: tensorflow-datasets declares it only in its own extras (docs/data.md).
-        "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8.6", "grain>=0.2.18"],
+        "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8.6"],
     },
 )

@@ -106,17 +106,21 @@ class TrainImage:
 
 @dataclasses.dataclass(frozen=True)
 class EvalImage:
-  """Evaluation input of a record: image (preprocess.test_array), mask at `size`, label, has_mask."""
+  """Evaluation input of a record: image (preprocess.test_array), label, has_mask and, with `masks`, the mask
+  at `size` as uint8 {0, 1} (preprocess.mask_array; all zero for a record without one)."""
   size: int = 224
   color: str = "grey"
+  masks: bool = True
 
   def __call__(self, record: dict) -> dict:
     mask = record.get("mask")
-    return {"image": preprocess.test_array(record["image"], self.size, self.color),
-            "mask": (np.zeros((self.size, self.size), np.float32) if mask is None
-                     else preprocess.mask_array(mask, self.size)),
-            "has_mask": np.bool_(record.get("has_mask", mask is not None)),
-            "label": np.int32(record["label"])}
+    out = {"image": preprocess.test_array(record["image"], self.size, self.color),
+           "has_mask": np.bool_(record.get("has_mask", mask is not None)),
+           "label": np.int32(record["label"])}
+    if self.masks:
+      out["mask"] = (np.zeros((self.size, self.size), np.uint8) if mask is None
+                     else preprocess.mask_array(mask, self.size).astype(np.uint8))
+    return out
 
 
 class _LoadTrain(grain.transforms.Map):

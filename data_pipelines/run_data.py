@@ -95,20 +95,6 @@ def load_train_images(dataset: datasets.Dataset, samples, size: int) -> np.ndarr
   return np.stack([preprocess.train_array(source[where[id(s)]]["image"], size) for s in samples]).astype(np.float32)
 
 
-@dataclasses.dataclass(frozen=True)
-class TestTransform:
-  """Record -> model input (picklable, for grain's worker processes): test image, and mask when wanted."""
-  size: int
-  color: str
-  masks: bool
-
-  def __call__(self, record: dict) -> dict:
-    out = {"image": preprocess.test_array(record["image"], self.size, self.color)}
-    if self.masks:
-      out["mask"] = preprocess.mask_array(record["mask"], self.size).astype(np.uint8)
-    return out
-
-
 @dataclasses.dataclass
 class TestSet:
   """A run's test set: labels and names of all of it, and batches of this process's padded share.
@@ -124,7 +110,7 @@ class TestSet:
   streaming: bool
   color: str
   source: object              # random access to the records (data_pipelines.records)
-  transform: TestTransform
+  transform: grain_input.EvalImage
   workers: int = 0
   held: dict | None = None    # the loaded share when not streaming
 
@@ -180,4 +166,4 @@ def test_set(dataset: datasets.Dataset, data: ml_collections.ConfigDict, streami
   test = dataset.test
   return TestSet(samples=test, labels=np.asarray([s.label for s in test], np.int32), names=[s.name for s in test],
                  has_masks=want, streaming=streaming, color=data.color, source=_split_source(dataset, "test", want),
-                 transform=TestTransform(int(data.image_size), data.color, want), workers=int(data.workers))
+                 transform=grain_input.EvalImage(int(data.image_size), data.color, want), workers=int(data.workers))

@@ -138,7 +138,8 @@ def test_none_default_fields_take_command_line_overrides(name, launcher):
   assert "model.clip.checkpoint" in nones
   overrides = {"model.clip.checkpoint": "ckpt/vit_l14", "model.clip.act": "gelu", "model.logit_scale": "100.0",
                "model.bpe_path": "vocab.txt.gz", "data.root": "/data/x", "data.support_file": "s.json",
-               "vae.path": "/w/taef2", "bench.peak_tflops": "989.0", "model.clip.variant": "ViT-B-16"}
+               "vae.path": "/w/taef2", "bench.peak_tflops": "989.0", "model.clip.variant": "ViT-B-16",
+               "data.tfds_dir": "/data/tfds/x/1.0.0"}
   missing = sorted(set(nones) - set(overrides))
   assert not missing, f"add a test value for {missing}"
   argv = ["--config", f"configs/{name}.py"] + [f"--config.{p}={overrides[p]}" for p in nones]
