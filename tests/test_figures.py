@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -92,22 +91,6 @@ def test_roc_pr_hist_writes_curves_with_sklearn_numbers(tmp_path):
     figures.roc_pr_hist(scores, np.ones_like(labels), 0.6, str(tmp_path / "x.png"))
 
 
-_FAKE_PREDICT = textwrap.dedent("""
-  import sys
-  import numpy as np
-  from absl import app
-  from launch import predict
-  from mediclip_jax.evaluate.normalization import Normalization
-
-  def score(images):
-    maps = np.repeat(images.mean((1, 2))[:, None, None], 32, 1).repeat(32, 2)  # bright image, hot map
-    return maps.astype(np.float32), maps.max((1, 2))
-
-  predict.jax_model = lambda workdir: predict.Model(32, "grey", 2, Normalization(0.0, 0.5), score)
-  app.run(lambda argv: sys.exit(predict.main(argv)))
-""")
-
-
 @pytest.mark.slow  # three launcher subprocesses, ~18 s on 2 busy cores
 def test_predict_gives_one_panel_per_file_even_when_stems_collide(tmp_path):
   src = tmp_path / "in"
@@ -116,8 +99,7 @@ def test_predict_gives_one_panel_per_file_even_when_stems_collide(tmp_path):
   Image.fromarray(np.full((50, 70, 3), 20, np.uint8)).save(src / "a.jpg")
   Image.fromarray(np.full((30, 30), 20, np.uint8)).save(src / "b.png")
   Image.fromarray(np.full((30, 30), 255, np.uint8)).save(tmp_path / "mask.png")
-  script = tmp_path / "fake_predict.py"
-  script.write_text(_FAKE_PREDICT)
+  script = REPO / "tests" / "fake_predict.py"
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   out = tmp_path / "out"
   proc = subprocess.run([sys.executable, str(script), "--workdir", str(tmp_path), "--input", str(src), "--out",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from grain import sharding
 
 from data_pipelines import grain_input, preprocess
 from mediclip_jax import checkpoints, parallel
+from tests import processes
 from tests.conftest import REPO
 
 N_RECORDS, GLOBAL_BATCH = 39, 6  # 6 steps per epoch, 3 records dropped per epoch
@@ -197,35 +197,15 @@ def test_source_labels():
   np.testing.assert_array_equal(grain_input.source_labels(Unreadable(7, with_labels=True)), [1, 0, 0, 1, 0, 0, 1])
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_split_an_epoch_and_the_eval_set(tmp_path):
-  port = _free_port()
+  port = processes.free_port()
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # pylint: disable=consider-using-with
-  procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "grain_two_process.py"), str(port), str(i),
-                             str(tmp_path), str(tmp_path / "ckpt")], env=env, stdout=logs[i],
-                            stderr=subprocess.STDOUT) for i in range(2)]
-  deadline = time.time() + 240
-  try:
-    while any(p.poll() is None for p in procs) and time.time() < deadline:
-      if any(p.returncode not in (None, 0) for p in procs):
-        break
-      time.sleep(0.2)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait(timeout=30)
-    for f in logs:
-      f.close()
+  cmds = [[sys.executable, str(REPO / "tests" / "grain_two_process.py"), str(port), str(i), str(tmp_path),
+           str(tmp_path / "ckpt")] for i in range(2)]
+  codes = processes.run_together(cmds, [tmp_path / f"process{i}.log" for i in range(2)], 240, env)
   text = [(tmp_path / f"process{i}.log").read_text()[-3000:] for i in range(2)]
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(text)
+  assert codes == [0, 0], "\n".join(text)
   res = [json.loads((tmp_path / f"process{i}.json").read_text()) for i in range(2)]
   # Training: 6 global batches of 6, 3 rows each per process; together each of 36 records once.
   assert len(res[0]["train"]) == len(res[1]["train"]) == 6

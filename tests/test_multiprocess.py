@@ -10,8 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,16 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import processes
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -45,29 +38,7 @@ def _cmd(workdir: Path, data_root: Path, epochs: int, *extra: str) -> list[str]:
 
 def _run_all(cmds: list[list[str]], logs: list[Path], timeout: float, on_poll=None,
              ok_codes: tuple[int, ...] = (0,)) -> list[int]:
-  """Runs the commands together; if one fails or time runs out, kills the rest (no stragglers).
-
-  `on_poll(procs)` is called while they run (to send signals).
-  """
-  files = [open(p, "w") for p in logs]  # pylint: disable=consider-using-with
-  procs = [subprocess.Popen(c, env=_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
-           for c, f in zip(cmds, files)]
-  deadline = time.time() + timeout
-  try:
-    while any(p.poll() is None for p in procs):
-      if time.time() > deadline or any(p.returncode not in (None, *ok_codes) for p in procs):
-        break
-      if on_poll is not None:
-        on_poll(procs)
-      time.sleep(0.1)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait(timeout=30)
-    for f in files:
-      f.close()
-  return [p.returncode for p in procs]
+  return processes.run_together(cmds, logs, timeout, _env(), on_poll, ok_codes)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +46,7 @@ def pair_run(tmp_path_factory, shared_dir) -> dict:
   """Both processes train 4 steps (2 epochs of 16 images, batch 8) and each dumps its parameters."""
   wd = tmp_path_factory.mktemp("mp") / "run"
   data_root = shared_dir / "data" / "brainmri"
-  port = _free_port()
+  port = processes.free_port()
   cmds = [_cmd(wd, data_root, 2, "--dump_params", "--coordinator_address", f"127.0.0.1:{port}",
                "--num_processes", "2", "--process_id", str(i)) for i in range(2)]
   logs = [wd.parent / f"process{i}.log" for i in range(2)]
@@ -130,7 +101,7 @@ def test_checkpoint_restores_in_one_process_and_continues(pair_run, tmp_path):
 def test_sigterm_to_one_process_stops_both_at_one_checkpoint(shared_dir, tmp_path):
   """A SIGTERM that reaches only process 1: both agree at the next log step, checkpoint it together and exit."""
   wd = tmp_path / "run"
-  port = _free_port()
+  port = processes.free_port()
   cmds = [_cmd(wd, shared_dir / "data" / "brainmri", 20, "--config.train.checkpoint_every_steps=1000",
                "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i))
           for i in range(2)]

@@ -1,5 +1,5 @@
 """launch/predict.py on archives: file lists, TFDS builds, CSV rows, top-k panels, shards that split a list,
-unreadable images. A stand-in model (score = mean brightness) keeps these fast; the real models' scoring is
+unreadable images. A stand-in model (tests/fake_predict.py: score = mean brightness) keeps these fast; the real models' scoring is
 covered by tests/test_train_e2e.py and tests/test_export.py."""
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +16,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
-_FAKE = textwrap.dedent("""
-  import sys
-  import numpy as np
-  from absl import app
-  from launch import predict
-  from mediclip_jax.evaluate.normalization import Normalization
-
-  def score(images):
-    maps = np.repeat(images.mean((1, 2))[:, None, None], 32, 1).repeat(32, 2)  # bright image, hot map
-    return maps.astype(np.float32), maps.max((1, 2))
-
-  predict.jax_model = lambda workdir: predict.Model(32, "grey", 3, Normalization(0.0, 0.5), score)
-  app.run(lambda argv: sys.exit(predict.main(argv)))
-""")
-
-
 def _predict(tmp_path, *args):
-  script = tmp_path / "fake_predict.py"
-  script.write_text(_FAKE)
+  script = REPO / "tests" / "fake_predict.py"
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, str(script), "--workdir", str(tmp_path), *map(str, args)], env=env,
                         capture_output=True, text=True, timeout=300)
