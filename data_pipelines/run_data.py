@@ -103,7 +103,6 @@ class TestSet:
   in share order; every process yields the same number of batches (scoring is one collective program
   per batch). `example(i)` reads test image i at its own resolution for pictures: (pixels, mask, name).
   """
-  samples: tuple[datasets.Sample, ...]
   labels: np.ndarray          # (N,) int32, 1 = abnormal
   names: list[str]            # (N,)
   has_masks: bool             # pixel metrics apply
@@ -164,6 +163,6 @@ def test_set(dataset: datasets.Dataset, data: ml_collections.ConfigDict, streami
   if data.workers < 0:
     raise ValueError(f"config.data.workers must be >= 0 (0 = read in the main process), got {data.workers}")
   test = dataset.test
-  return TestSet(samples=test, labels=np.asarray([s.label for s in test], np.int32), names=[s.name for s in test],
+  return TestSet(labels=np.asarray([s.label for s in test], np.int32), names=[s.name for s in test],
                  has_masks=want, streaming=streaming, color=data.color, source=_split_source(dataset, "test", want),
                  transform=grain_input.EvalImage(int(data.image_size), data.color, want), workers=int(data.workers))
