@@ -61,7 +61,7 @@ def pair_run(tmp_path_factory, shared_dir) -> dict:
 
 def test_processes_end_with_identical_parameters(pair_run):
   wd = pair_run["workdir"]
-  assert "2 devices, 2 processes; test=220 (110 per process); 4 steps of 2 per epoch" in pair_run["logs"][0]
+  assert "2 devices, 2 processes; test=220 (110 per process, held in memory); 4 steps of 2 per epoch" in pair_run["logs"][0]
   p0, p1 = np.load(wd / "params_process0.npz"), np.load(wd / "params_process1.npz")
   assert p0.files and sorted(p0.files) == sorted(p1.files)
   for k in p0.files:

@@ -222,7 +222,8 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   say = progress.write if main else (lambda line: None)
   say(f"method={config.method} platform={jax.default_backend()} ({jax.local_devices()[0].device_kind}), "
       f"{mesh.devices.size} devices, {jax.process_count()} processes; test={len(test)} "
-      f"({'streamed' if test.streaming else 'held in memory'}); {total} steps of {spe} per epoch")
+      f"({-(-len(test) // jax.process_count())} per process, {'streamed' if test.streaming else 'held in memory'}); "
+      f"{total} steps of {spe} per epoch")
   for line in trainable.info.get("notes", ()):
     say(line)
   if restored:
