@@ -22,6 +22,8 @@ setup(
         "tqdm",  # training progress bar
         "matplotlib",  # colour maps and ROC/PR/histogram figures (evaluate/figures.py, Agg backend)
         "grain>=0.2.18",  # the input pipeline (data_pipelines/grain_input.py): files and TFDS builds alike
+        "scipy",  # connected components and hole filling of segmentations (evaluate/segmentation.py)
+        "scikit-learn",  # K-means staging and its NMI/ARI (evaluate/staging.py)
     ],
     extras_require={
         # Reference implementations for parity tests; torch pinned to the CPU build that is available offline.
@@ -31,12 +33,10 @@ setup(
             "transformers",
             "diffusers",
             "opencv-python-headless",
-            "scikit-learn",
-            "scipy",
             "tensorboard",  # reads back our event files in tests
         ],
         # The benchmark's host mode: the pixel tasks in numpy/OpenCV (synthesis/reference_numpy.py).
-        "bench": ["opencv-python-headless", "scipy"],
+        "bench": ["opencv-python-headless"],
         # launch/export.py: ONNX and jax.export artefacts (docs/export.md). jax2onnx itself is NOT listed: its
         # declared deps pin orbax-checkpoint<0.11.37 (a downgrade) and pull equinox, dm-pix, netron, orbax-export,
         # huggingface-hub it does not need here; install it beside this extra with

@@ -6,8 +6,12 @@ every evaluation set, so each evaluation batch is one collective program.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
+
+from mediclip_jax import rngs
 
 
 def process_slice(global_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
@@ -34,3 +38,21 @@ def process_eval_indices(n: int, process_index: int | None = None,
   per = -(-n // count)
   idx = np.arange(p * per, (p + 1) * per)
   return np.minimum(idx, max(n - 1, 0)).astype(np.int64), idx < n
+
+
+def steps_per_epoch(k: int, batch_size: int) -> int:
+  """Steps that visit each of k in-memory training images once (the last batch wraps around)."""
+  return math.ceil(k / batch_size)
+
+
+def epoch_batch(step: int, k: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(image indices into the k in-memory training images, global sample indices) of a step's global batch.
+
+  Each epoch visits a permutation of the k images drawn from the "data" stream and the epoch; a
+  batch that runs past the end wraps to the start of the same permutation, so every batch has the
+  same size (a last, smaller batch would recompile the step). A pure function of (seed, step).
+  """
+  epoch, j = divmod(step, steps_per_epoch(k, batch_size))
+  perm = rngs.numpy_rng(seed, rngs.DATA, epoch).permutation(k)
+  pos = (j * batch_size + np.arange(batch_size)) % k
+  return perm[pos].astype(np.int32), (step * batch_size + np.arange(batch_size)).astype(np.int32)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.datasets import Dataset, DatasetError, Sample
+from mediclip_jax import parallel
 
 SUPPORT_FILE = "support_set.json"
 
@@ -80,3 +81,22 @@ def read_support(path: str | os.PathLike, dataset: Dataset) -> list[Sample]:
   if "k" in rec and rec["k"] != len(out):
     raise DatasetError(f"{path}: 'k' is {rec['k']} but 'files' lists {len(out)} names")
   return out
+
+
+def choose_support(data, seed: int, dataset: Dataset, workdir: str, train: bool) -> list[Sample]:
+  """A run's training (support) images: `data.support_file`, else the set a previous run wrote into
+  `workdir`, else (training only) `data.k_shot` drawn by `seed`, written to the workdir by process 0."""
+  stored = os.path.join(workdir, SUPPORT_FILE)
+  if data.support_file:
+    chosen = read_support(data.support_file, dataset)
+  elif os.path.isfile(stored):
+    chosen = read_support(stored, dataset)
+  elif train:
+    chosen = draw_support(dataset, data.k_shot, seed)
+  else:
+    raise FileNotFoundError(f"{stored}: the run's support set is missing (pass --config.data.support_file)")
+  if train:
+    parallel.sync("support_read")  # nobody reads the file while process 0 rewrites it
+    if parallel.is_main_process():
+      write_support(stored, chosen, seed, dataset.root)
+  return chosen

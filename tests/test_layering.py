@@ -13,7 +13,7 @@ ROOTS = ("mediclip_jax", "data_pipelines", "launch", "configs")
 
 # Lowest first. A module may import modules of its own layer or of lower layers.
 LAYERS: list[tuple[str, ...]] = [
-    ("mediclip_jax", "mediclip_jax.config_utils", "mediclip_jax.rngs", "mediclip_jax.parallel",
+    ("mediclip_jax", "mediclip_jax.config_utils", "mediclip_jax.rngs", "mediclip_jax.parallel", "mediclip_jax.filters",
      "mediclip_jax.checkpoints", "mediclip_jax.flops"),
     ("data_pipelines", "mediclip_jax.synthesis", "mediclip_jax.weights"),
     ("mediclip_jax.models",),

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mediclip_jax.filters import gaussian_smooth
+
 _SIGN = np.uint32(0x80000000)
 _FAST_SPAN = np.uint32(2**31 - 2)  # key - kmin + 1 must fit in 31 bits
 
@@ -301,31 +303,6 @@ def aupro(maps: jax.Array | np.ndarray, masks: np.ndarray, fpr_limit: float = 0.
 
 
 # ----------------------------------------------------------------------------- maps
-
-
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
-  """Normalised 1-D Gaussian taps, radius int(truncate*sigma + 0.5) as scipy.ndimage."""
-  radius = int(truncate * float(sigma) + 0.5)
-  x = np.arange(-radius, radius + 1, dtype=np.float64)
-  k = np.exp(-0.5 * (x / sigma) ** 2)
-  return (k / k.sum()).astype(np.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("sigma", "truncate"))
-def gaussian_smooth(maps: jax.Array, sigma: float = 4.0, truncate: float = 4.0) -> jax.Array:
-  """Separable Gaussian blur over the last two axes with scipy's 'reflect' border
-  (= numpy 'symmetric'), matching scipy.ndimage.gaussian_filter(sigma) per map, as
-  peers (AnomalyCLIP, MVFA) smooth anomaly maps with sigma = 4 before scoring."""
-  k = gaussian_kernel1d(sigma, truncate)
-  r = (k.shape[0] - 1) // 2
-  x = jnp.asarray(maps, jnp.float32)
-  h, w = x.shape[-2:]
-  lead = [(0, 0)] * (x.ndim - 2)
-  # Borders wider than the image reflect repeatedly, as scipy does.
-  xp = jnp.pad(x, lead + [(r, r), (0, 0)], mode="symmetric")
-  x = sum(float(k[i]) * xp[..., i:i + h, :] for i in range(k.shape[0]))
-  xp = jnp.pad(x, lead + [(0, 0), (r, r)], mode="symmetric")
-  return sum(float(k[i]) * xp[..., :, i:i + w] for i in range(k.shape[0]))
 
 
 def _to_floats(d: dict[str, jax.Array]) -> dict[str, float]:

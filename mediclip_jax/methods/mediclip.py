@@ -10,8 +10,6 @@ parameters are all-reduced by XLA. The batch order is a pure function of (seed, 
 from __future__ import annotations
 
 import functools
-import math
-import os
 from collections.abc import Callable
 
 import jax
@@ -231,47 +229,6 @@ def make_scorer(graphdef, frozen_model, mesh: Mesh) -> Callable:
   return scorer
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-def steps_per_epoch(k: int, batch_size: int) -> int:
-  return math.ceil(k / batch_size)
-
-
-def batch_indices(step: int, k: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(support indices, global sample indices) of a step's global batch.
-
-  Each epoch visits a permutation of the k support images drawn from the "data" stream and the
-  epoch; a batch that runs past the end wraps to the start of the same permutation, so every
-  batch has the same size (the reference's last, smaller batch would recompile the step).
-  """
-  epoch, j = divmod(step, steps_per_epoch(k, batch_size))
-  perm = rngs.numpy_rng(seed, rngs.DATA, epoch).permutation(k)
-  pos = (j * batch_size + np.arange(batch_size)) % k
-  return perm[pos].astype(np.int32), (step * batch_size + np.arange(batch_size)).astype(np.int32)
-
-
-def choose_support(config: ml_collections.ConfigDict, dataset: datasets.Dataset, workdir: str,
-                   train: bool) -> list[datasets.Sample]:
-  """The run's support set: `data.support_file`, else the one a previous run wrote into `workdir`,
-  else (training only) a fresh draw by seed, written to the workdir by process 0."""
-  stored = os.path.join(workdir, support_lib.SUPPORT_FILE)
-  if config.data.support_file:
-    chosen = support_lib.read_support(config.data.support_file, dataset)
-  elif os.path.isfile(stored):
-    chosen = support_lib.read_support(stored, dataset)
-  elif train:
-    chosen = support_lib.draw_support(dataset, config.data.k_shot, config.seed)
-  else:
-    raise FileNotFoundError(f"{stored}: the run's support set is missing (pass --config.data.support_file)")
-  if train:
-    parallel.sync("support_read")  # nobody reads the file while process 0 rewrites it
-    if parallel.is_main_process():
-      support_lib.write_support(stored, chosen, config.seed, dataset.root)
-  return chosen
-
-
 def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, workdir: str, mesh: Mesh, *,
           train: bool = True) -> Trainable:
   """MediCLIP as a `Trainable` on `mesh`. With `train=False` (evaluation, prediction) no VAE is loaded
@@ -279,7 +236,7 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
   validate(config)
   if dataset is None and train:
     raise ValueError("MediCLIP training needs a dataset")
-  chosen = [] if dataset is None else choose_support(config, dataset, workdir, train)
+  chosen = [] if dataset is None else support_lib.choose_support(config.data, config.seed, dataset, workdir, train)
   size = int(config.data.image_size)
   support = run_data.load_train_images(dataset, chosen, size) if chosen else np.zeros((0, size, size), np.float32)
   k, bs, seed = max(support.shape[0], 1), int(config.train.batch_size), int(config.seed)
@@ -300,7 +257,7 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
 
   sl = batches.process_slice(bs)
   stream = None
-  spe = steps_per_epoch(k, bs)
+  spe = batches.steps_per_epoch(k, bs)
   if train and config.data.train_stream:
     source = run_data.train_source(dataset)
     if len(source) < bs:
@@ -314,7 +271,7 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
     if stream is not None:  # the next batch of the stream (the loop asks for steps in order)
       b = next(stream)
       return {"image": b["image"], "sample_index": b["sample_index"].astype(np.int32)}
-    sup, idx = batch_indices(step, k, bs, seed)
+    sup, idx = batches.epoch_batch(step, k, bs, seed)
     return {"support_index": sup[sl], "sample_index": idx[sl]}
 
   clip_cfg = config.model.clip
