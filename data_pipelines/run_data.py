@@ -13,13 +13,14 @@ whatever the size of the test set.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
 
-from data_pipelines import datasets, grain_input, phantom, preprocess, records
+from data_pipelines import datasets, grain_input, oct_phantom, phantom, preprocess, records
 from mediclip_jax import parallel
 
 PIXEL_METRICS = ("auto", "on", "off")
@@ -60,15 +61,35 @@ def read_dataset(data: ml_collections.ConfigDict, workdir: str) -> datasets.Data
 
 
 def open_dataset(data: ml_collections.ConfigDict, workdir: str, seed: int) -> datasets.Dataset:
-  """`read_dataset`, generating the phantom dataset into `workdir/phantom_data` first when `data.phantom`."""
+  """`read_dataset`, generating the phantom dataset of `data.phantom_kind` into `workdir/phantom_data` first
+  when `data.phantom`. The folder records what it was generated with (phantom.json); one generated with other
+  settings is an error, not silently another dataset (a folder from before the record counts as chest)."""
   if data.phantom:
+    makers = {"chest": phantom.make_phantom_dataset, "oct": oct_phantom.make_oct_phantom_dataset}
+    kind = data.get("phantom_kind", "chest")  # runs stored before the field generated chest phantoms
+    if kind not in makers:
+      raise ValueError(f"config.data.phantom_kind must be one of {tuple(makers)}, got {kind!r}")
     root = dataset_root(data, workdir)
-    marker = os.path.join(root, "samples", "test.json")
+    k_shot = data.get("k_shot", 0) or 0  # -1 (every training image) asks for no particular number
+    want = {"kind": kind, "size": int(data.phantom_size), "seed": int(seed), "n_test": int(data.phantom_n_test),
+            "n_train": max(int(k_shot), 0, int(data.get("phantom_n_train", 16)))}
+    marker, record = os.path.join(root, "samples", "test.json"), os.path.join(root, "phantom.json")
     for turn in ("main", "others"):  # process 0 writes; others write their own copy only without a shared disk
       if (turn == "main") == parallel.is_main_process() and not os.path.isfile(marker):
-        phantom.make_phantom_dataset(root, n_train=max(data.k_shot, 16), n_test_normal=data.phantom_n_test,
-                                     n_test_abnormal=data.phantom_n_test, size=data.phantom_size, seed=seed)
+        os.makedirs(root, exist_ok=True)
+        with open(record, "w", encoding="utf-8") as f:
+          json.dump(want, f)
+        makers[kind](root, n_train=want["n_train"], n_test_normal=want["n_test"], n_test_abnormal=want["n_test"],
+                     size=want["size"], seed=want["seed"])
       parallel.sync(f"phantom_data_{turn}")
+    have = {"kind": "chest"}
+    if os.path.isfile(record):
+      with open(record, encoding="utf-8") as f:
+        have = json.load(f)
+    if any(have[k] != want.get(k) for k in have):
+      raise datasets.DatasetError(
+          f"{root} holds phantoms generated with {have}, but the config asks for {want} (data.phantom_kind, "
+          f"phantom_size, phantom_n_test, phantom_n_train / k_shot, seed); use another workdir or delete {root}")
   return read_dataset(data, workdir)
 
 

@@ -31,6 +31,8 @@ def loop_config() -> ml_collections.ConfigDict:
   c.data.tfds_dir = ml_collections.FieldReference(None, field_type=str)  # with source="tfds": the build's directory
   c.data.workers = 0                # grain worker processes decoding test (and streamed training) images; 0 = inline
   c.data.phantom = False            # generate the embedded phantom chest dataset into the workdir
+  c.data.phantom_kind = "chest"     # "chest" | "oct": which generated dataset data.phantom writes
+  c.data.phantom_n_train = 16       # normal training images generated (at least data.k_shot when the method has one)
   c.data.phantom_size = 224
   c.data.phantom_n_test = 40        # per class (normal / abnormal)
   c.data.image_size = 224           # every image is resized to this square size
