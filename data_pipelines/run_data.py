@@ -126,6 +126,7 @@ class TestSet:
   """
   labels: np.ndarray          # (N,) int32, 1 = abnormal
   names: list[str]            # (N,)
+  class_names: list[str]      # (N,) the listing's class names: grades where the data has them (BUSI's benign/malignant)
   has_masks: bool             # pixel metrics apply
   streaming: bool
   color: str
@@ -185,5 +186,6 @@ def test_set(dataset: datasets.Dataset, data: ml_collections.ConfigDict, streami
     raise ValueError(f"config.data.workers must be >= 0 (0 = read in the main process), got {data.workers}")
   test = dataset.test
   return TestSet(labels=np.asarray([s.label for s in test], np.int32), names=[s.name for s in test],
+                 class_names=[s.clsname for s in test],
                  has_masks=want, streaming=streaming, color=data.color, source=_split_source(dataset, "test", want),
                  transform=grain_input.EvalImage(int(data.image_size), data.color, want), workers=int(data.workers))

@@ -74,8 +74,10 @@ def evaluate_run(workdir: str, mesh, figures_dir: str | None) -> dict:
   test = run_data.test_set(dataset, config.data, streaming=config.eval.streaming)
   main = parallel.is_main_process()
   with writers.count_bar(len(test), f"evaluating {workdir}", enabled=main) as bar:
+    reconstructor = run.trainable.reconstructor
     res, scores, examples = scoring.evaluate(run.trainable.scorer(run.state), test, config.eval, mesh,
-                                             norm.threshold, bar.update)
+                                             norm.threshold, bar.update, run.trainable.calibration_images,
+                                             reconstructor(run.state) if reconstructor else None)
   if figures_dir is not None and main:
     figures.write_evaluation(figures_dir, scores, test.labels, examples, test.example, norm)
   res.update(step=run.step, seed=int(config.seed), n_test=int(len(test)),

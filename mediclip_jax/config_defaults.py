@@ -12,9 +12,10 @@ from mediclip_jax import methods
 from mediclip_jax.config_utils import parse_arg
 from mediclip_jax.models import vae as vae_lib
 from mediclip_jax.models.clip import get_variant
-from mediclip_jax.synthesis import latent
+from mediclip_jax.synthesis import latent, ssl_views
 
 PRESETS = ("reference", "improved")
+SSL_DATASETS = {"busi": "../shared/data/busi", "brainmri": "../shared/data/brainmri", "oct_phantom": None}
 LATENT_MIX = {"cutpaste": 0.2, "gauss_intensity": 0.2, "deformation": 0.2, "identity": 0.2,
               "latent_deviation": 0.1, "latent_shuffle": 0.1}
 BENCH_MODES = ("fused", "host", "synthetic")
@@ -54,6 +55,22 @@ def loop_config() -> ml_collections.ConfigDict:
   c.eval.streaming = False          # True: re-read the test set per evaluation in bounded memory (histogram pixel metrics)
   c.eval.histogram_bits = 20        # streaming: pixel-metric histogram resolution (bins = 2**bits over float32 order)
   c.eval.figures = True             # per evaluation: ROC/PR/histogram and example panels, in figures/ and TensorBoard
+  # Unsupervised staging of the abnormal test images (evaluate/staging.py): K-means on their downsampled maps,
+  # clusters ranked by mean score, scored against the grades in the test listing's class names (clsname).
+  c.eval.staging = ml_collections.ConfigDict()
+  c.eval.staging.k = 0              # clusters; 0 = off
+  c.eval.staging.restarts = 10      # k-means++ initialisations
+  c.eval.staging.size = 64          # maps are downsampled to size x size before clustering
+  c.eval.staging.grade_order = ()   # grades from mild to severe (e.g. benign,malignant): adds the ranked accuracy
+  # Segmentation of the maps (evaluate/segmentation.py), Dice/IoU against the lesion masks.
+  c.eval.segmentation = ml_collections.ConfigDict()
+  c.eval.segmentation.threshold = False  # residual thresholding at a quantile of the normal calibration pixels
+  c.eval.segmentation.quantile = 0.995
+  c.eval.segmentation.min_size = 50      # connected components smaller than this (pixels) are dropped
+  c.eval.segmentation.layers = False     # layer-wise grey-level comparison (reconstruction methods, layered images)
+  c.eval.segmentation.boundaries = 8     # layer boundaries the unsupervised extractor traces (8: the OCT phantom)
+  c.eval.segmentation.q_low = 0.99       # v_low: this quantile of x_hat - x per layer on normal images
+  c.eval.segmentation.q_high = 0.99      # v_high: this quantile of x_hat per layer on normal images
   return c
 
 
@@ -161,4 +178,66 @@ def bench_section(*, batch_per_device: int, warmup_steps: int = 2, steps: int = 
   c.host_prefetch = 2                    # host mode: batches in flight per worker (DataLoader prefetch_factor)
   c.support = "phantom"                  # few-shot support images: "phantom" (64..224 px) | "random"
   c.peak_tflops = ml_collections.FieldReference(None, field_type=float)  # per-device peak; None = table
+  return c
+
+
+def ssl_anovae_config(arg: str | None) -> ml_collections.ConfigDict:
+  """An SSL-AnoVAE run config from its `get_config(arg)` argument.
+
+  arg keys: dataset=busi|brainmri|oct_phantom (or path=<dataset folder>), shot=<k> (-1 = every normal
+  training image), tiny (64 px, small networks, a CPU smoke run), latents=both|image|ssl, ssl_mode=joint|
+  pretrain_frozen, adv=<lambda_4> (0 = no discriminator), views=<preset of synthesis/ssl_views.py>.
+  """
+  a = parse_arg(arg, dataset="oct_phantom", path=None, shot=-1, tiny=False, latents="both", ssl_mode="joint",
+                adv=0.01, views=None)
+  c = run_config("ssl_anovae")
+  if a.path is None and a.dataset not in SSL_DATASETS:
+    raise ValueError(f"config argument dataset={a.dataset!r} is not one of {sorted(SSL_DATASETS)} (or give path=)")
+  phantom = a.path is None and a.dataset == "oct_phantom"
+  c.data.root = a.path or SSL_DATASETS[a.dataset]
+  c.data.phantom = phantom
+  c.data.phantom_kind = "oct"
+  c.data.color = "grey"
+  c.data.k_shot = a.shot
+  c.model.latents = a.latents
+  c.train.ssl_mode = a.ssl_mode
+  c.loss.adv = a.adv
+  c.train.batch_size = 32
+  c.train.epochs = 100
+  c.eval.every_epochs = 20
+  c.eval.staging.k = 2
+  c.eval.staging.grade_order = ("mild", "severe") if phantom else ("benign", "malignant")
+  c.eval.segmentation.threshold = True
+  c.eval.segmentation.layers = phantom
+  views = a.views or ("oct" if phantom else "grey")
+  ssl_views.apply_preset(c.ssl.views, views)
+  size = 256
+  if phantom:
+    c.data.phantom_n_train = 1000
+    c.data.phantom_n_test = 100
+  if a.tiny:
+    size = 64
+    c.model.encoder_widths = (16, 32, 64)
+    c.model.resnet_widths = (16, 32, 64)
+    c.model.resnet_blocks = (1, 1, 1)
+    c.model.decoder_widths = (64, 32, 16)
+    c.model.disc_widths = (16, 32, 64)
+    c.model.groups = 8
+    c.model.latent_image = c.model.latent_ssl = 32
+    c.model.projector_hidden = 128
+    c.model.projector_out = 64
+    c.train.batch_size = 16
+    c.train.epochs = 30
+    c.train.lr = c.train.disc_lr = 1e-3
+    c.train.log_every_steps = 10
+    c.train.checkpoint_every_steps = 50
+    c.eval.every_epochs = 10
+    c.eval.segmentation.min_size = 4
+    c.score.residual_sigma = 1.0
+    if phantom:
+      c.data.phantom_n_train = 256
+      c.data.phantom_n_test = 40
+  c.data.image_size = c.data.phantom_size = c.model.image_size = size
+  if a.ssl_mode == "pretrain_frozen":
+    c.train.ssl_pretrain_epochs = c.train.epochs // 2
   return c

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from data_pipelines import batches
 from mediclip_jax import parallel
 from mediclip_jax.evaluate import metrics as metrics_lib
-from mediclip_jax.evaluate import figures, normalization, streaming_metrics
+from mediclip_jax.evaluate import analysis, figures, normalization, streaming_metrics
 
 BatchScorer = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -106,7 +106,8 @@ class _Examples:
 
 
 def evaluate(score_batch: BatchScorer, test, eval_cfg, mesh: Mesh, threshold: float | None = None,
-             progress: Callable[[int], None] | None = None
+             progress: Callable[[int], None] | None = None, calibration_images: np.ndarray | None = None,
+             reconstruct: Callable[[jax.Array], jax.Array] | None = None
              ) -> tuple[dict[str, float], np.ndarray, dict[str, tuple[int, np.ndarray]]]:
   """Metrics of a test set (a `data_pipelines.run_data.TestSet`), every image's raw score, and the raw maps of
   the example images (role -> (index, map), see `figures.pick_examples`). Every process gets the same results.
@@ -114,17 +115,24 @@ def evaluate(score_batch: BatchScorer, test, eval_cfg, mesh: Mesh, threshold: fl
   Held test sets: all maps are gathered and the pixel metrics are exact. Streamed ones: each batch's maps go
   into a fixed-size histogram (`streaming_metrics.PixelHistogram`) and are dropped, so host memory does not
   grow with the test set; pixel metrics then carry `*_error_bound` entries. Image metrics are exact either way.
-  With `threshold`, also the decision's sensitivity and specificity.
+  With `threshold`, also the decision's sensitivity and specificity. With `eval.staging` / `eval.segmentation`
+  on, also the staging and segmentation metrics of the raw maps (`analysis`; segmentation thresholds are
+  calibrated on `calibration_images`, the layer-wise comparison uses `reconstruct`).
   """
   _, local_bs = parallel.eval_batch_sizes(eval_cfg.batch_size, mesh)
   sigma = float(eval_cfg.smoothing_sigma)
   streaming, pixel = test.streaming, test.has_masks
   histogram = streaming_metrics.PixelHistogram(bits=int(eval_cfg.histogram_bits)) if streaming and pixel else None
   examples = _Examples()
+  share = functools.partial(score_share, batch_size=eval_cfg.batch_size, mesh=mesh)
+  extra = analysis.start(eval_cfg, test, score_batch, reconstruct, calibration_images, mesh, share)
   maps, masks, raw, scored, valids = [], [], [], [], []
   for images, batch_masks, valid, index in test.batches(local_bs):
-    m, s = score_batch(parallel.global_array(images, mesh))
+    batch = parallel.global_array(images, mesh)
+    m, s = score_batch(batch)
     m_local, s_local = parallel.local_rows(m), parallel.local_rows(s)
+    if extra is not None:
+      extra.update(images, m_local, batch_masks if pixel else None, s_local, valid, index, batch)
     raw.append(s_local)
     valids.append(valid)
     if not streaming:
@@ -158,6 +166,8 @@ def evaluate(score_batch: BatchScorer, test, eval_cfg, mesh: Mesh, threshold: fl
     chosen = examples.gathered()
   if threshold is not None:
     res.update(decision_metrics(scores, test.labels, threshold))
+  if extra is not None:
+    res.update(extra.result())
   return res, scores, chosen
 
 

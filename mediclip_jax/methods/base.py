@@ -45,6 +45,9 @@ class Trainable:
   calibration_images: normal images whose scores set the decision threshold.
   threshold: calibration scores (all processes gathered) -> decision threshold.
   info: JSON-able facts stored with every checkpoint (preprocessing, support set, backbone).
+  reconstructor: for reconstruction-based methods, state -> a function of one global image batch returning the
+    pseudo-healthy reconstructions (B,H,W) split over `data` (the layer-wise segmentation compares them with the
+    input); None for others.
   """
   state: Any
   train_step: Callable[[Any, dict], tuple[Any, Metrics]] | None
@@ -55,6 +58,7 @@ class Trainable:
   threshold: Callable[[np.ndarray], float]
   info: dict = dataclasses.field(default_factory=dict)
   data_iterator: Any = None
+  reconstructor: Callable[[Any], Callable[[jax.Array], jax.Array]] | None = None
 
 
 def quantile_threshold(q: float) -> Callable[[np.ndarray], float]:

@@ -401,3 +401,9 @@ class PatchDiscriminator(nnx.Module):
     for conv in self.convs:
       h = _lrelu(conv(h, update_stats))
     return self.out(h, update_stats).astype(jnp.float32)
+
+  def update_power_iteration(self) -> None:
+    """Stores one power-iteration step of every layer, as a forward with update_stats=True does, without data
+    (the iteration depends on the kernels only): the training step calls it outside its gradient trace."""
+    for conv in (*self.convs, self.out):
+      conv.normalized_kernel(update_stats=True)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from data_pipelines import run_data
 from mediclip_jax import checkpoints, parallel
-from mediclip_jax.evaluate import figures, scoring
+from mediclip_jax.evaluate import analysis, figures, scoring
 from mediclip_jax.train import workdir as workdir_lib
 from mediclip_jax.train import writers
 
@@ -63,6 +63,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(config.data.workers, int) or config.data.workers < 0:
     raise ValueError(f"config.data.workers must be an integer >= 0 (0 = decode in the main process), "
                      f"got {config.data.workers!r}")
+  analysis.validate(config.eval)
   if config.eval.streaming and not 8 <= config.eval.histogram_bits <= 24:
     raise ValueError(f"config.eval.histogram_bits must lie in [8, 24], got {config.eval.histogram_bits}")
 
@@ -268,8 +269,9 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
         if interrupt.requested and not multi:
           raise _EvaluationAborted
       norm = calibrate(step, tick)
+      reconstruct = trainable.reconstructor(state) if trainable.reconstructor else None
       res, scores, examples = scoring.evaluate(trainable.scorer(state), test, config.eval, mesh, norm.threshold,
-                                               tick)
+                                               tick, trainable.calibration_images, reconstruct)
     if main and config.eval.figures:
       pictures = figures.write_evaluation(os.path.join(workdir, "figures", f"step_{step:06d}"), scores,
                                           test.labels, examples, test.example, norm)
