@@ -50,7 +50,7 @@ class Analysis:
   def update(self, images: np.ndarray, maps: np.ndarray, masks: np.ndarray | None, scores: np.ndarray,
              valid: np.ndarray, index: np.ndarray, global_images=None) -> None:
     """One batch: images (n,H,W[,3]), maps (n,H,W), masks (n,H,W) or None, scores (n,), valid, test index."""
-    st, sg = self.cfg.staging, self.cfg.segmentation
+    st = self.cfg.staging
     self.valid.append(np.asarray(valid, bool))
     self.index.append(np.asarray(index))
     if st.k:
@@ -59,19 +59,24 @@ class Analysis:
     if masks is None:
       return
     truth = np.asarray(masks) != 0
-    if sg.threshold:
-      scores_ = segmentation.SegmentationScores()
-      scores_.add(segmentation.threshold_segment(maps, self.cal["pixel_threshold"], int(sg.min_size)), truth)
-      self.threshold_rows.append(scores_.to_array())
-    if sg.layers and self.reconstruct is not None:
-      x = _grey(np.asarray(images, np.float32))
-      x_hat = parallel.local_rows(self.reconstruct(global_images))
-      scores_ = segmentation.SegmentationScores()
-      for xi, hi, ti in zip(x, x_hat, truth):
-        layers = oct_layers.extract_layers(hi, int(sg.boundaries))
-        scores_.add(segmentation.layerwise_segment(xi, hi, layers, self.cal["v_low"], self.cal["v_high"],
-                                                   int(sg.min_size), labels=_retina(int(sg.boundaries))), ti)
-      self.layer_rows.append(scores_.to_array())
+    x_hat = parallel.local_rows(self.reconstruct(global_images)) if self.reconstruct is not None else None
+    for name, pred in self.segment(images, maps, x_hat).items():
+      rows = segmentation.SegmentationScores()
+      rows.add(pred, truth)
+      (self.threshold_rows if name == "threshold" else self.layer_rows).append(rows.to_array())
+
+  def segment(self, images: np.ndarray, maps: np.ndarray, x_hat: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The enabled segmentations of a batch: {"threshold": (n,H,W) bool, "layers": (n,H,W) bool (with x_hat)}."""
+    sg, out = self.cfg.segmentation, {}
+    if sg.threshold and "pixel_threshold" in self.cal:  # calibrated when the test set has masks
+      out["threshold"] = segmentation.threshold_segment(maps, self.cal["pixel_threshold"], int(sg.min_size))
+    if self.reconstruct is not None and x_hat is not None:
+      x, retina = _grey(np.asarray(images, np.float32)), _retina(int(sg.boundaries))
+      out["layers"] = np.stack([
+          segmentation.layerwise_segment(xi, hi, oct_layers.extract_layers(hi, int(sg.boundaries)), self.cal["v_low"],
+                                         self.cal["v_high"], int(sg.min_size), labels=retina)
+          for xi, hi in zip(x, x_hat)])
+    return out
 
   def result(self) -> dict:
     """The staging and segmentation metrics over the whole test set (every process gets the same)."""
