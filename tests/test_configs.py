@@ -19,7 +19,7 @@ from mediclip_jax.train import loop
 from tests.conftest import REPO
 
 DATASET_CONFIGS = ("chestxray", "brainmri", "busi")
-ALL_CONFIGS = DATASET_CONFIGS + ("bench_tiny", "bench_reference", "bench_latent")
+ALL_CONFIGS = DATASET_CONFIGS + ("ssl_anovae", "bench_tiny", "bench_reference", "bench_latent")
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -94,6 +94,42 @@ def test_invalid_loop_values_raise_naming_the_field(field, value, message):
     loop.validate(c)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("eval.staging.k", 1, "config.eval.staging.k must be 0"),
+    ("eval.staging.restarts", 0, "config.eval.staging.restarts"),
+    ("eval.segmentation.quantile", 1.5, "config.eval.segmentation.quantile must lie in"),
+    ("eval.segmentation.boundaries", 1, "config.eval.segmentation.boundaries"),
+    ("loss.gan", "wgan", "config.loss.gan must be one of"),
+    ("loss.adv", -0.1, "config.loss.adv must be >= 0"),
+    ("train.ssl_mode", "frozen", "config.train.ssl_mode must be one of"),
+    ("model.image_size", 96, "config.model.image_size"),
+    ("ssl.ema_base", 1.5, "config.ssl.ema_base must lie in"),
+    ("ssl.views.hflip_p", 2.0, "config.ssl.views.hflip_p"),
+])
+def test_invalid_ssl_anovae_values_raise_naming_the_field(field, value, message):
+  from mediclip_jax.methods import ssl_anovae
+  c = load_config("ssl_anovae", "oct_phantom,tiny")
+  *section, key = field.split(".")
+  node = c
+  for part in section:
+    node = node[part]
+  node[key] = value
+  with pytest.raises(ValueError, match=message):
+    loop.validate(c)
+    ssl_anovae.validate(c)
+
+
+def test_ssl_anovae_config_arguments():
+  c = load_config("ssl_anovae", "busi,tiny,latents=image,adv=0,views=cutout,ssl_mode=pretrain_frozen")
+  assert c.method == "ssl_anovae" and c.data.root.endswith("busi") and not c.data.phantom
+  assert c.model.latents == "image" and c.loss.adv == 0 and c.ssl.views.preset == "cutout"
+  assert c.train.ssl_pretrain_epochs == c.train.epochs // 2 and c.eval.staging.grade_order == ("benign", "malignant")
+  oct_ = load_config("ssl_anovae", "oct_phantom")
+  assert oct_.data.phantom and oct_.data.phantom_kind == "oct" and oct_.eval.segmentation.layers
+  with pytest.raises(ValueError, match="dataset='chest' is not one of"):
+    load_config("ssl_anovae", "dataset=chest")
+
+
 def test_invalid_method_values_raise_naming_the_field():
   c = load_config("chestxray", "phantom,tiny")
   c.synthesis.pixel.cutpaste.paste_mode = "blend"
@@ -135,8 +171,11 @@ def test_none_default_fields_take_command_line_overrides(name, launcher):
   """Every field whose default is None is typed, so `--config.x=value` works for it, in both launchers."""
   c = load_config(name)
   nones = [p for p in leaf_paths(c) if _get(c, p) is None]
-  assert "model.clip.checkpoint" in nones
-  overrides = {"model.clip.checkpoint": "ckpt/vit_l14", "model.clip.act": "gelu", "model.logit_scale": "100.0",
+  assert "model.clip.checkpoint" in nones or c.method != "mediclip"
+  views = {f"ssl.views.{k}": ("(0.5, 1.0)" if k.startswith("crop_") else "0.25") for k in (
+      "blur_p", "blur_sigma", "brightness", "contrast", "crop_ratio", "crop_scale", "cutout_p", "cutout_size", "edge_p",
+      "edge_strength", "gamma", "hflip_p", "noise_std", "rotate_deg", "speckle_std", "vflip_p")}
+  overrides = {**views,"model.clip.checkpoint": "ckpt/vit_l14", "model.clip.act": "gelu", "model.logit_scale": "100.0",
                "model.bpe_path": "vocab.txt.gz", "data.root": "/data/x", "data.support_file": "s.json",
                "vae.path": "/w/taef2", "bench.peak_tflops": "989.0", "model.clip.variant": "ViT-B-16",
                "data.tfds_dir": "/data/tfds/x/1.0.0"}
@@ -267,8 +306,11 @@ def test_every_field_of_every_shipped_config_is_read(tmp_path, monkeypatch, shar
     c.synthesis.latent.patch_probs = (0.4, 0.3, 0.3)
   latent.data.root = str(shared_dir / "data" / "brainmri")
   latent.data.pixel_metrics = "off"
+  ssl = load_config("ssl_anovae", "oct_phantom,tiny")  # staging and both segmentations on the OCT phantom
+  ssl.train.epochs = 1
+  ssl.data.phantom_n_train, ssl.data.phantom_n_test = 16, 4
   with rec.installed(monkeypatch):
-    for i, c in enumerate((phantom, latent)):
+    for i, c in enumerate((phantom, latent, ssl)):
       rec.register(c)
       loop.train_and_evaluate(c, str(tmp_path / f"run{i}"), methods.get(c.method))
     for kind in ("taef2", "autoencoder_kl"):

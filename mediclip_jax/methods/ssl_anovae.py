@@ -349,9 +349,8 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
   images = load_training_images(dataset, chosen, size, channels) if chosen else np.zeros(empty, np.float32)
   n, bs = max(images.shape[0], 1), int(config.train.batch_size)
   spe = batches.steps_per_epoch(n, bs)
-  total, pretrain = int(config.train.epochs) * spe, 0
-  if config.train.ssl_mode == "pretrain_frozen":
-    pretrain = int(config.train.ssl_pretrain_epochs) * spe
+  pretrain_epochs = int(config.train.ssl_pretrain_epochs) * (config.train.ssl_mode == "pretrain_frozen")
+  total, pretrain = int(config.train.epochs) * spe, pretrain_epochs * spe
 
   model, disc = build_networks(config)
   opt_g = optax.adam(config.train.lr, b1=config.train.b1, b2=config.train.b2)
