@@ -212,7 +212,7 @@ class ResNetBackbone(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = nnx.relu(_norm(self.stem_norm, self.stem(x.astype(self.dtype)), self.dtype))
-    h = nnx.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    h = nnx.max_pool(h, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # keywords: as jax2onnx patches it
     for b in self.blocks:
       h = b(h)
     return jnp.mean(h.astype(jnp.float32), axis=(1, 2))
