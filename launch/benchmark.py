@@ -3,6 +3,8 @@
   python launch/benchmark.py --config configs/bench_tiny.py --out bench_tiny.json          # CPU, seconds
   python launch/benchmark.py --config configs/bench_reference.py --out bench_reference.json  # ViT-L/14, B=64/device
   python launch/benchmark.py --config configs/bench_latent.py --out bench_latent.json --profile_steps 5
+  python launch/benchmark.py --config configs/bench_ssl_anovae.py:tiny --out bench_ssl_anovae_tiny.json  # CPU
+  python launch/benchmark.py --config configs/bench_ssl_anovae.py --out bench_ssl_anovae.json  # 256 px, B=32/device
   python launch/benchmark.py --suite --out suite.json                         # one GPU, under 8 minutes
   python launch/benchmark.py --suite --suite_scale tiny --out suite_cpu.json  # the same suite at CPU sizes
 
@@ -21,7 +23,9 @@ trainable)`, registered in `mediclip_jax.methods.BENCH_PARTS` (MediCLIP's:
 mediclip_jax/methods/mediclip_bench.py), which
 also gives the stage breakdown (each part jitted alone: synthesis, VAE encode/decode, CLIP vision
 forward; off with `--config.bench.stages=false`) and the analytic FLOPs behind MFU. A method without
-the hook runs `fused` only, with MFU null. A mode that cannot run here (host mode without OpenCV
+the hook runs `fused` only, with MFU null. A hook may give FLOPs only (SSL-AnoVAE's,
+mediclip_jax/methods/ssl_anovae_bench.py: no feeds, the fed modes `unavailable` with the reason, and
+`stages` None: no stage breakdown). A mode that cannot run here (host mode without OpenCV
 and scipy, the `bench` extra, or with latent tasks) is skipped with its reason in `skipped`.
 
 Each mode AOT-compiles its step (trace, lower and compile timed separately; arrays the step closes
@@ -35,8 +39,9 @@ is recorded under `errors` and the exit status is 1.
 The suite runs, in one process: the time to result of a full configs/brainmri.py run (400 steps
 and the final evaluation, random-init backbone, evaluation only at the end), the reference-size
 step (configs/bench_reference.py: fused vs host vs synthetic), the latent step
-(configs/bench_latent.py) and each registered method's step; `--suite_scale tiny` runs it with
-CPU stand-in sizes.
+(configs/bench_latent.py) and each registered method's step (its own benchmark config where the plan
+names one: configs/bench_ssl_anovae.py for SSL-AnoVAE); `--suite_scale tiny` runs it with CPU stand-in
+sizes.
 """
 from __future__ import annotations
 
@@ -519,7 +524,7 @@ def run(config: ml_collections.ConfigDict, name: str, *, modes: str, peak_tflops
           logging.exception("benchmark: mode %s failed", m)
         result["ratios_images_per_s"] = _ratios(result["modes"])
         checkpoint()
-      if w.bench.stages and parts is not None:
+      if w.bench.stages and parts is not None and parts.stages is not None:
         parallel.log_main("benchmark: stages")
         result["stages"] = run_stages(w, result["modes"], peak, result["errors"], skip_stages)
   except Exception as e:  # pylint: disable=broad-except
@@ -566,7 +571,9 @@ def format_summary(r: dict) -> str:
 # ~30 ms at 40 % MFU, a latent step ~0.25 s) and the stage breakdown keeps only what no mode
 # measures: the CLIP forward (reference) and the VAE alone (latent). The synthesis stages are left
 # out (fused minus synthetic gives what synthesis costs), so is the latent entry's CLIP forward (the
-# reference entry's program). The tiny plan is the same at CPU stand-in sizes.
+# reference entry's program). A method with its own benchmark config ("method_configs": file, argument) runs
+# that config with the "method_step" fields; any other takes the reference entry's image size and batch.
+# The tiny plan is the same at CPU stand-in sizes.
 _SYNTHESIS_SKIP = "left out for time: the fused and synthetic modes bracket it"
 _REFERENCE_SKIPS = {"synthesis": _SYNTHESIS_SKIP}
 _LATENT_SKIPS = {"synthesis": _SYNTHESIS_SKIP + " (entries.latent.stages.vae_encode_decode: its VAE part)",
@@ -579,6 +586,7 @@ SUITE_PLANS = {
         "latent": ("bench_latent.py", None, {"bench.steps": 10, "bench.warmup_steps": 2, "bench.modes": "fused"},
                    _LATENT_SKIPS),
         "method_step": {"bench.steps": 20, "bench.warmup_steps": 2, "bench.modes": "fused", "bench.stages": False},
+        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", None)},
     },
     "tiny": {
         "brainmri": ("brainmri.py", "tiny", {"train.epochs": 2}, {}),
@@ -587,6 +595,7 @@ SUITE_PLANS = {
         "latent": ("bench_tiny.py", "latent", {"bench.steps": 2, "bench.warmup_steps": 1, "bench.modes": "fused"},
                    _LATENT_SKIPS),
         "method_step": {"bench.steps": 2, "bench.warmup_steps": 1, "bench.modes": "fused", "bench.stages": False},
+        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", "tiny")},
     },
 }
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
@@ -720,9 +729,12 @@ def run_suite(scale: str, data_root: str, workdir: str, *, peak_tflops: float | 
       if name == reference.method and "fused" in ref.get("modes", {}):
         return {"same_as": "entries.reference.modes.fused", **{k: ref["modes"]["fused"][k] for k in (
             "step_time_s", "images_per_s", "mfu", "compile_s")}}
-      c = config_defaults.run_config(name)
-      c.data.image_size = reference.data.image_size
-      c.bench = config_defaults.bench_section(batch_per_device=int(reference.bench.batch_per_device))
+      if name in plan["method_configs"]:
+        c = load_config_file(*plan["method_configs"][name])
+      else:
+        c = config_defaults.run_config(name)
+        c.data.image_size = reference.data.image_size
+        c.bench = config_defaults.bench_section(batch_per_device=int(reference.bench.batch_per_device))
       return bench(f"method_{name}", _set(c, plan["method_step"]), f"method_{name}")
     entry(f"method_{name}", method_step)
   checkpoint()
