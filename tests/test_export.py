@@ -155,6 +155,33 @@ def test_grey_layout_exports_too(reference, tmp_path):
     np.testing.assert_allclose(s, ref[1], rtol=0, atol=export.SCORES_ATOL)
 
 
+
+def test_ssl_anovae_onnx_equals_jax(tmp_path):
+  """A tiny random-init SSL-AnoVAE scorer exported to ONNX scores as JAX does. Guards the backbone's 3x3/2 max pool
+  with padding 1: jax2onnx 0.17 exported nnx.max_pool's explicit padding as VALID (a 15x15 map for 16x16)."""
+  for mod in ("onnxruntime", "onnx_ir", "jax2onnx"):
+    pytest.importorskip(mod)
+  import jax
+  from mediclip_jax import config_defaults, export, parallel
+  from mediclip_jax.evaluate import restore
+  from mediclip_jax.methods import ssl_anovae
+  c = config_defaults.ssl_anovae_config("tiny")
+  c.data.image_size = c.data.phantom_size = c.model.image_size = 32
+  c.model.encoder_widths = c.model.resnet_widths = (8, 16)
+  c.model.decoder_widths, c.model.resnet_blocks, c.model.disc_widths = (16, 8), (1, 1), (8, 16)
+  c.model.groups, c.model.latent_image, c.model.latent_ssl, c.model.projector_hidden = 4, 8, 8, 16
+  trainable = ssl_anovae.build(c, None, str(tmp_path), parallel.make_mesh(jax.local_devices()[:1]), train=False)
+  run = restore.Restored(c, trainable, trainable.state, {"normalization": {"low": 0.0, "threshold": 1.0}}, 0)
+  export.export_onnx(run, str(tmp_path / "s.onnx"))
+  score, _ = export.load_onnx(str(tmp_path / "s.onnx"))
+  images = np.random.default_rng(0).random((3, 32, 32), np.float32)
+  ref = [np.asarray(a) for a in export.scorer_fn(run)(images)]
+  for batch in (images, images[:1]):
+    m, s = score(batch)
+    np.testing.assert_allclose(m, ref[0][:len(batch)], rtol=0, atol=export.MAPS_ATOL)
+    np.testing.assert_allclose(s, ref[1][:len(batch)], rtol=0, atol=export.SCORES_ATOL)
+
+
 NO_JAX = """
 import runpy, sys
 BLOCKED = ("jax", "jaxlib", "flax", "orbax", "optax", "jax2onnx")

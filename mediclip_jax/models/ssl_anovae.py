@@ -212,7 +212,10 @@ class ResNetBackbone(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = nnx.relu(_norm(self.stem_norm, self.stem(x.astype(self.dtype)), self.dtype))
-    h = nnx.max_pool(h, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # keywords: as jax2onnx patches it
+    # 3x3/2 max pool with padding 1, written as a -inf pad then a VALID pool (the same values): jax2onnx (0.17)
+    # patches nnx.max_pool, keyword-only, and reads any padding other than "SAME" as "VALID" (16x16 -> 15x15).
+    h = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    h = nnx.max_pool(h, window_shape=(3, 3), strides=(2, 2), padding="VALID")
     for b in self.blocks:
       h = b(h)
     return jnp.mean(h.astype(jnp.float32), axis=(1, 2))
