@@ -77,15 +77,15 @@ def _taps_1d(size: int, k: int, stride: int, pad: tuple[int, int]) -> int:
   return total
 
 
-def _conv(res: int, k: int, cin: int, cout: int, stride: int = 1, pad: tuple[int, int] | None = None) -> float:
+def conv_flops(res: int, k: int, cin: int, cout: int, stride: int = 1, pad: tuple[int, int] | None = None) -> float:
   """A k×k convolution on a res×res input (symmetric k//2 zero padding unless `pad` is given)."""
   taps = _taps_1d(res, k, stride, pad if pad is not None else (k // 2, k // 2))
   return float(MAC * taps * taps * cin * cout)
 
 
 def _resnet(res: int, cin: int, cout: int) -> float:
-  f = _conv(res, 3, cin, cout) + _conv(res, 3, cout, cout)
-  return f + (_conv(res, 1, cin, cout) if cin != cout else 0.0)
+  f = conv_flops(res, 3, cin, cout) + conv_flops(res, 3, cout, cout)
+  return f + (conv_flops(res, 1, cin, cout) if cin != cout else 0.0)
 
 
 def _spatial_attention(res: int, c: int) -> float:
@@ -105,22 +105,22 @@ def autoencoder_kl_flops(image_size: int, block_out_channels: Sequence[int], lay
   boc = [int(c) for c in block_out_channels]
   n = len(boc)
   s = image_size
-  enc = _conv(s, 3, in_channels, boc[0])
+  enc = conv_flops(s, 3, in_channels, boc[0])
   cin, res = boc[0], s
   for i, c in enumerate(boc):
     for j in range(layers_per_block):
       enc += _resnet(res, cin if j == 0 else c, c)
     cin = c
     if i < n - 1:
-      enc += _conv(res, 3, c, c, stride=2, pad=(0, 1))
+      enc += conv_flops(res, 3, c, c, stride=2, pad=(0, 1))
       res //= 2
   mid = 2 * _resnet(res, boc[-1], boc[-1]) + (_spatial_attention(res, boc[-1]) if mid_attention else 0.0)
-  enc += mid + _conv(res, 3, boc[-1], 2 * latent_channels)
+  enc += mid + conv_flops(res, 3, boc[-1], 2 * latent_channels)
   if quant_conv:
-    enc += _conv(res, 1, 2 * latent_channels, 2 * latent_channels)
-  dec = _conv(res, 1, latent_channels, latent_channels) if post_quant_conv else 0.0
+    enc += conv_flops(res, 1, 2 * latent_channels, 2 * latent_channels)
+  dec = conv_flops(res, 1, latent_channels, latent_channels) if post_quant_conv else 0.0
   rev = boc[::-1]
-  dec += _conv(res, 3, latent_channels, rev[0]) + mid
+  dec += conv_flops(res, 3, latent_channels, rev[0]) + mid
   cin = rev[0]
   for i, c in enumerate(rev):
     for j in range(layers_per_block + 1):
@@ -128,8 +128,8 @@ def autoencoder_kl_flops(image_size: int, block_out_channels: Sequence[int], lay
     cin = c
     if i < n - 1:
       res *= 2
-      dec += _conv(res, 3, c, c)
-  dec += _conv(res, 3, boc[0], out_channels)
+      dec += conv_flops(res, 3, c, c)
+  dec += conv_flops(res, 3, boc[0], out_channels)
   return {"encode": enc, "decode": dec}
 
 
@@ -141,20 +141,20 @@ def taef2_flops(image_size: int, channels: int = 64, latent_channels: int = 32) 
   c, s = channels, image_size
 
   def block(res: int, gn: bool) -> float:
-    return 3 * _conv(res, 3, c, c) + (_conv(res, 1, c, 4 * c) + _conv(res, 1, 4 * c, c) if gn else 0.0)
+    return 3 * conv_flops(res, 3, c, c) + (conv_flops(res, 1, c, 4 * c) + conv_flops(res, 1, 4 * c, c) if gn else 0.0)
 
-  enc = _conv(s, 3, 3, c) + block(s, False)
+  enc = conv_flops(s, 3, 3, c) + block(s, False)
   res = s
   for stage in range(3):
-    enc += _conv(res, 3, c, c, stride=2)
+    enc += conv_flops(res, 3, c, c, stride=2)
     res //= 2
     enc += 3 * block(res, stage == 2)
-  enc += _conv(res, 3, c, latent_channels)
-  dec = _conv(res, 3, latent_channels, c) + 3 * block(res, True)
+  enc += conv_flops(res, 3, c, latent_channels)
+  dec = conv_flops(res, 3, latent_channels, c) + 3 * block(res, True)
   for stage in range(3):
     res *= 2
-    dec += _conv(res, 3, c, c) + (3 * block(res, False) if stage < 2 else block(res, False))
-  dec += _conv(res, 3, c, 3)
+    dec += conv_flops(res, 3, c, c) + (3 * block(res, False) if stage < 2 else block(res, False))
+  dec += conv_flops(res, 3, c, 3)
   return {"encode": enc, "decode": dec}
 
 

@@ -19,7 +19,7 @@ from mediclip_jax.train import loop
 from tests.conftest import REPO
 
 DATASET_CONFIGS = ("chestxray", "brainmri", "busi")
-ALL_CONFIGS = DATASET_CONFIGS + ("ssl_anovae", "bench_tiny", "bench_reference", "bench_latent")
+ALL_CONFIGS = DATASET_CONFIGS + ("ssl_anovae", "bench_tiny", "bench_reference", "bench_latent", "bench_ssl_anovae")
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:

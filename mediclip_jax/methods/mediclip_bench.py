@@ -18,12 +18,10 @@ Host mode needs OpenCV and scipy (the `bench` extra); without them it is reporte
 from __future__ import annotations
 
 import collections
-import dataclasses
 import importlib
 import multiprocessing
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,50 +34,9 @@ from jax.sharding import Mesh
 from mediclip_jax import flops, parallel
 from mediclip_jax.methods import mediclip
 from mediclip_jax.methods.base import Trainable, keep_finite
+from mediclip_jax.methods.bench import BenchParts, Stage
 from mediclip_jax.models import vae as vae_lib
 from mediclip_jax.synthesis import mix
-
-
-class Feed(Protocol):
-  """A fed mode's batch source: `feed(step, warm)` gives that step's global batch; `fields()` the
-  mode's extra JSON fields (at least "input", a description); `close()` releases workers."""
-
-  def __call__(self, step: int, warm: bool) -> dict: ...
-
-  def fields(self) -> dict: ...
-
-  def close(self) -> None: ...
-
-
-class Stage(NamedTuple):
-  """One part of the step timed alone: `build()` gives the jitted program, run as `program(*args(i))` at
-  iteration i; `build` is None where the stage does not apply to the config."""
-  name: str
-  build: Callable[[], Callable] | None
-  args: Callable[[int], tuple]
-  model_flops: float | None
-  note: str
-
-
-@dataclasses.dataclass
-class BenchParts:
-  """What the benchmark hook returns.
-
-  fed_step: (state, batch {"image", "mask"}) -> (state, metrics), `state` as `Trainable.state`
-    and donated; the step without synthesis.
-  feeds: mode -> (number of batches it will be asked for) -> Feed, for the modes that can run.
-  unavailable: mode -> why it cannot run here (missing packages, latent tasks on the host).
-  stages: () -> the stages (their inputs placed on the mesh; each program built when timed).
-  flops: analytic FLOPs per global step by component, with their sum in "total", of the
-    "fused_step" and the "fed_step".
-  info: JSON facts: "model", "synthesis", "dtype_policy", "step_program".
-  """
-  fed_step: Callable[[Any, dict], tuple[Any, dict]]
-  feeds: dict[str, Callable[[int], Feed]]
-  unavailable: dict[str, str]
-  stages: Callable[[], list[Stage]]
-  flops: dict[str, dict[str, float]]
-  info: dict
 
 
 # ----------------------------------------------------------------------------------------------

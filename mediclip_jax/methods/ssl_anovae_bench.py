@@ -32,11 +32,11 @@ from jax.sharding import Mesh
 
 from mediclip_jax import flops
 from mediclip_jax.methods.base import Trainable
-from mediclip_jax.methods.mediclip_bench import BenchParts
+from mediclip_jax.methods.bench import BenchParts
 from mediclip_jax.synthesis import ssl_views
 
 MAC = flops.MAC
-_conv = flops._conv  # pylint: disable=protected-access  # flops.py's convolution convention
+_conv = flops.conv_flops
 NOT_APPLICABLE = ("SSL-AnoVAE has no anomaly synthesis to feed from elsewhere: its fused step already reads "
                   "device-resident training images by index and draws the views on the device")
 
