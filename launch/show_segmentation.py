@@ -94,7 +94,9 @@ def main(argv) -> int:
       if r == 0:
         ax.set_title(columns[c], fontsize=8)
     axes[r, 0].set_ylabel(f"{test.class_names[i]}\nA={scores[r]:.4f}", fontsize=7)
-  fig.suptitle(f"{workdir} step {run.step}: cyan = lesion outline", fontsize=8)
+  fig.suptitle(f"{config.method}, step {run.step}, seed {config.seed}: cyan = lesion outline"
+               + (", green = layer boundaries traced on the reconstruction" if "layers" in masks_by_kind else ""),
+               fontsize=8)
   fig.tight_layout()
   out = _OUT.value or os.path.join(workdir, "segmentation.png")
   fig.savefig(out, dpi=110)
