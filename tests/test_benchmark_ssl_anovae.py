@@ -104,6 +104,7 @@ NETWORKS = {  # name -> (module of (model, disc), call, input shape of one image
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_each_network_matches_xla(name):
   """Forward, and forward + weight gradients + input gradients below the first layer (the input carries no

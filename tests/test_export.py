@@ -156,6 +156,7 @@ def test_grey_layout_exports_too(reference, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_ssl_anovae_onnx_equals_jax(tmp_path):
   """A tiny random-init SSL-AnoVAE scorer exported to ONNX scores as JAX does. Guards the backbone's 3x3/2 max pool
   with padding 1: jax2onnx 0.17 exported nnx.max_pool's explicit padding as VALID (a 15x15 map for 16x16)."""
