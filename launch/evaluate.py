@@ -76,8 +76,9 @@ def evaluate_run(workdir: str, mesh, figures_dir: str | None) -> dict:
   with writers.count_bar(len(test), f"evaluating {workdir}", enabled=main) as bar:
     reconstructor = run.trainable.reconstructor
     res, scores, examples = scoring.evaluate(run.trainable.scorer(run.state), test, config.eval, mesh,
-                                             norm.threshold, bar.update, run.trainable.calibration_images,
-                                             reconstructor(run.state) if reconstructor else None)
+                                             norm.threshold, bar.update,
+                                             calibration_images=run.trainable.calibration_images,
+                                             reconstruct=reconstructor(run.state) if reconstructor else None)
   if figures_dir is not None and main:
     figures.write_evaluation(figures_dir, scores, test.labels, examples, test.example, norm)
   res.update(step=run.step, seed=int(config.seed), n_test=int(len(test)),

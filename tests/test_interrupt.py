@@ -30,14 +30,14 @@ def _sigterm_in_evaluation_at(steps, monkeypatch):
   real = scoring.evaluate
   calls = []
 
-  def evaluate(score_batch, test, eval_cfg, mesh, threshold=None, progress=None):
+  def evaluate(score_batch, test, eval_cfg, mesh, threshold=None, progress=None, **kwargs):
     calls.append(len(calls))
 
     def tick(n):
       if calls[-1] in steps:
         os.kill(os.getpid(), signal.SIGTERM)
       progress(n)
-    return real(score_batch, test, eval_cfg, mesh, threshold, tick)
+    return real(score_batch, test, eval_cfg, mesh, threshold, tick, **kwargs)
   monkeypatch.setattr(scoring, "evaluate", evaluate)
 
 

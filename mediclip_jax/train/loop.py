@@ -271,7 +271,8 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
       norm = calibrate(step, tick)
       reconstruct = trainable.reconstructor(state) if trainable.reconstructor else None
       res, scores, examples = scoring.evaluate(trainable.scorer(state), test, config.eval, mesh, norm.threshold,
-                                               tick, trainable.calibration_images, reconstruct)
+                                               tick, calibration_images=trainable.calibration_images,
+                                               reconstruct=reconstruct)
     if main and config.eval.figures:
       pictures = figures.write_evaluation(os.path.join(workdir, "figures", f"step_{step:06d}"), scores,
                                           test.labels, examples, test.example, norm)
