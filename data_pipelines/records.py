@@ -13,7 +13,8 @@ A record is what `source[i]` returns. Anomaly-detection records (`RECORD_KEYS`):
   "class_name"  str, the listing's class (BUSI benign/malignant, an MVTec defect type, "normal"/"good")
   "name"        str, `datasets.Sample.name`: the stable id support-set files use
 Image-text pair records (`PAIR_KEYS`): "image" (as above), "text" str, "name" str (the image path relative
-to the pairs file's folder), "label" int (0 when the file has none).
+to the pairs file's image root: its folder, or an `image_root`, see `read_pairs`), "label" int (0 when the
+file has none).
 
 Sources (`len(source)`, `source[i]`, picklable for grain's worker processes):
   FileSource(samples)            decodes the files of `datasets.Sample`s (`dataset.train`, `dataset.test`)
@@ -155,12 +156,14 @@ class FileSource:
 @dataclasses.dataclass(frozen=True)
 class Pair:
   """One image-text pair of a pairs file: `path` absolute, `name` the image path as listed (relative to the
-  file's folder), `source` "file:line"."""
+  image root: the file's folder, or the `image_root` `read_pairs` was given or found), `source` "file:line",
+  `class_name` the line's optional "class" ("" without one)."""
   path: str
   name: str
   text: str
   label: int
   source: str
+  class_name: str = ""
 
 
 def _pair(raw: dict, folder: Path, where: str) -> Pair:
@@ -180,22 +183,64 @@ def _pair(raw: dict, folder: Path, where: str) -> Pair:
     label = int(label)
   if not isinstance(label, int) or isinstance(label, bool):
     raise datasets.DatasetError(f"{where}: 'label' must be an integer, got {label!r}")
+  class_name = raw.get("class")
+  if class_name is None:
+    class_name = ""
+  if not isinstance(class_name, str):
+    raise datasets.DatasetError(f"{where}: 'class' must be a string (a class name), got {class_name!r}")
   path = datasets._inside(folder, image, where, "image")  # pylint: disable=protected-access
   if not path.is_file():
     raise datasets.DatasetError(f"{where}: image {path} does not exist")
-  return Pair(path=str(path), name=Path(image).as_posix(), text=text, label=label, source=where)
+  return Pair(path=str(path), name=Path(image).as_posix(), text=text, label=label, source=where,
+              class_name=class_name)
 
 
-def read_pairs(path: str | os.PathLike) -> tuple[Pair, ...]:
+PAIRS_META = "pairs_meta.json"
+"""Sidecar of a pairs file (`data_pipelines/captions.py` writes it): its "image_root", if any, is the
+absolute folder the file's images are relative to."""
+
+
+def _image_root(path: Path, image_root) -> Path:
+  """Where the images of pairs file `path` are: `image_root` if given, else the "image_root" of
+  <its folder>/pairs_meta.json if that names one, else the file's folder."""
+  if image_root is not None:
+    root = Path(image_root)
+    if not root.is_dir():
+      raise datasets.DatasetError(f"{path}: image_root {root} is not a directory")
+    return root
+  meta_path = path.parent / PAIRS_META
+  if not meta_path.is_file():
+    return path.parent
+  try:
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise datasets.DatasetError(f"{meta_path}: unreadable ({e}); expected a JSON object, optionally with "
+                                f"'image_root' (the absolute image folder of {path.name})") from e
+  if not isinstance(meta, dict):
+    raise datasets.DatasetError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+  if "image_root" not in meta:
+    return path.parent
+  root = meta["image_root"]
+  if not isinstance(root, str) or not os.path.isabs(root):
+    raise datasets.DatasetError(f"{meta_path}: 'image_root' must be an absolute path, got {root!r}")
+  if not Path(root).is_dir():
+    raise datasets.DatasetError(f"{meta_path}: 'image_root' {root} is not a directory")
+  return Path(root)
+
+
+def read_pairs(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> tuple[Pair, ...]:
   """Reads an image-text pairs file: JSON lines (`.jsonl`/`.json`, one object per line) or CSV with a header
-  row, with keys/columns "image" (relative to the file's folder), "text" and optional "label" (int, default 0).
+  row, with keys/columns "image" (relative to the image root), "text", optional "label" (int, default 0) and
+  optional "class" (`Pair.class_name`); other keys are ignored. The image root is `image_root` when given,
+  else the "image_root" recorded in a `pairs_meta.json` beside the file (`data_pipelines/captions.py`
+  writes one to caption a dataset where it lies), else the file's folder; images must lie inside it.
   Missing columns, missing images, empty text and malformed lines are refused naming file:line."""
   path = Path(path)
   if not path.is_file():
     raise datasets.DatasetError(f"{path}: pairs file does not exist")
   if path.suffix.lower() not in PAIR_SUFFIXES:
     raise datasets.DatasetError(f"{path}: expected a pairs file ending in {', '.join(PAIR_SUFFIXES)}")
-  folder, out = path.parent, []
+  folder, out = _image_root(path, image_root), []
   with open(path, encoding="utf-8", newline="") as f:
     if path.suffix.lower() == ".csv":
       reader = csv.DictReader(f)
