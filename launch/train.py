@@ -85,8 +85,13 @@ def main(argv) -> int:
     return 130
   if jax.process_index() == 0:
     print(writers.summary_table(loop.summary_rows(results)))
-    print(loop.decision_line(results))
-    print(f"results: {os.path.join(workdir, 'results.json')}; pictures: {os.path.join(workdir, 'figures')}")
+    if "decision" in results:  # anomaly detectors
+      print(loop.decision_line(results))
+    for name, path in results.get("outputs", {}).items():  # what a method writes besides checkpoints
+      print(f"{name}: {path}")
+    pictures = os.path.join(workdir, "figures")
+    print(f"results: {os.path.join(workdir, 'results.json')}" + (f"; pictures: {pictures}" if os.path.isdir(pictures)
+                                                                 else ""))
   return 0
 
 

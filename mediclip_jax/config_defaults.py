@@ -22,23 +22,12 @@ BENCH_MODES = ("fused", "host", "synthetic")
 
 
 def loop_config() -> ml_collections.ConfigDict:
-  """The sections the generic loop, the data readers and evaluation read."""
+  """The sections the generic loop reads for every method; anomaly detectors add `anomaly_config()`'s."""
   c = ml_collections.ConfigDict()
   c.method = "mediclip"
   c.seed = 100
   c.data = ml_collections.ConfigDict()
-  c.data.root = ml_collections.FieldReference(None, field_type=str)  # MediCLIP or plain-folder layout
-  c.data.source = "files"           # "files": read data.root's files | "tfds": a TFDS build (launch/prepare_data.py)
-  c.data.tfds_dir = ml_collections.FieldReference(None, field_type=str)  # with source="tfds": the build's directory
-  c.data.workers = 0                # grain worker processes decoding test (and streamed training) images; 0 = inline
-  c.data.phantom = False            # generate the embedded phantom chest dataset into the workdir
-  c.data.phantom_kind = "chest"     # "chest" | "oct": which generated dataset data.phantom writes
-  c.data.phantom_n_train = 16       # normal training images generated (at least data.k_shot when the method has one)
-  c.data.phantom_size = 224
-  c.data.phantom_n_test = 40        # per class (normal / abnormal)
   c.data.image_size = 224           # every image is resized to this square size
-  c.data.color = "grey"             # test images: "rgb" (as the reference reads them) | "grey"
-  c.data.pixel_metrics = "auto"     # "auto" (when the test set has masks) | "on" | "off"
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8            # global batch
   c.train.epochs = 200
@@ -49,6 +38,26 @@ def loop_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 10
   c.eval.batch_size = 32
+  return c
+
+
+def anomaly_config() -> ml_collections.ConfigDict:
+  """The sections of the anomaly dataset, its readers and the anomaly evaluation (methods with
+  `ANOMALY_DATASET`, the default: MediCLIP, SSL-AnoVAE)."""
+  c = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict()
+  c.data.root = ml_collections.FieldReference(None, field_type=str)  # MediCLIP or plain-folder layout
+  c.data.source = "files"           # "files": read data.root's files | "tfds": a TFDS build (launch/prepare_data.py)
+  c.data.tfds_dir = ml_collections.FieldReference(None, field_type=str)  # with source="tfds": the build's directory
+  c.data.workers = 0                # grain worker processes decoding test (and streamed training) images; 0 = inline
+  c.data.phantom = False            # generate the embedded phantom chest dataset into the workdir
+  c.data.phantom_kind = "chest"     # "chest" | "oct": which generated dataset data.phantom writes
+  c.data.phantom_n_train = 16       # normal training images generated (at least data.k_shot when the method has one)
+  c.data.phantom_size = 224
+  c.data.phantom_n_test = 40        # per class (normal / abnormal)
+  c.data.color = "grey"             # test images: "rgb" (as the reference reads them) | "grey"
+  c.data.pixel_metrics = "auto"     # "auto" (when the test set has masks) | "on" | "off"
+  c.eval = ml_collections.ConfigDict()
   c.eval.smoothing_sigma = 0.0      # reference: raw maps; peers smooth with sigma 4
   c.eval.aupro_max_fpr = 0.3
   c.eval.threshold_quantile = 1.0   # decision threshold: this quantile of the normal calibration scores
@@ -83,10 +92,14 @@ def _merge(into: ml_collections.ConfigDict, extra: ml_collections.ConfigDict) ->
 
 
 def run_config(method: str = "mediclip") -> ml_collections.ConfigDict:
-  """The loop's sections merged with `method`'s."""
+  """The loop's sections, the anomaly data and evaluation sections for a method that reads an anomaly dataset,
+  and `method`'s own."""
   c = loop_config()
   c.method = method
-  _merge(c, methods.get(method).default_config())
+  module = methods.get(method)
+  if getattr(module, "ANOMALY_DATASET", True):
+    _merge(c, anomaly_config())
+  _merge(c, module.default_config())
   return c
 
 
@@ -240,4 +253,49 @@ def ssl_anovae_config(arg: str | None) -> ml_collections.ConfigDict:
   c.data.image_size = c.data.phantom_size = c.model.image_size = size
   if a.ssl_mode == "pretrain_frozen":
     c.train.ssl_pretrain_epochs = c.train.epochs // 2
+  return c
+
+
+MIRAGE_SOURCES = {"phantom_reports": None, "busi_captions": "../shared/data/busi",
+                  "brainmri_captions": "../shared/data/brainmri"}
+
+
+def mirage_config(arg: str | None) -> ml_collections.ConfigDict:
+  """A MIRAGE run config from its `get_config(arg)` argument.
+
+  arg keys: source=phantom_reports|busi_captions|brainmri_captions (captions of `dataset_root`) or pairs=<a
+  .jsonl/.csv pairs file> with classes=<name;name;...> (by label index, 0 = normal), loss=mirage|infonce,
+  fp_rate=<injected false-positive fraction>, trainable=projections|last_blocks|full, variant=<CLIP name>
+  (random init) and tiny (tiny random CLIP at 64 px on 2,000 phantom pairs / the dataset's captions: a CPU run
+  of about a minute).
+  """
+  a = parse_arg(arg, source="phantom_reports", pairs=None, classes="", dataset_root=None, loss="mirage",
+                fp_rate=0.0, trainable="last_blocks", variant="ViT-B-16", tiny=False)
+  c = run_config("mirage")
+  if a.pairs is None and a.source not in MIRAGE_SOURCES:
+    raise ValueError(f"config argument source={a.source!r} is not one of {sorted(MIRAGE_SOURCES)} (or give pairs=)")
+  p = c.data.pairs
+  p.source = a.pairs or a.source
+  p.dataset_root = a.dataset_root or (None if a.pairs else MIRAGE_SOURCES[a.source])
+  p.classes = tuple(n for n in a.classes.split(";") if n)
+  p.fp_rate = a.fp_rate
+  c.mirage.loss = a.loss
+  c.mirage.trainable = a.trainable
+  c.model.clip.variant = "tiny" if a.tiny else a.variant
+  c.data.image_size = 224
+  c.train.batch_size = 64
+  c.train.epochs = 20
+  c.eval.every_epochs = 5
+  c.eval.batch_size = 128
+  c.eval.figures = False        # no anomaly maps: the evaluation is retrieval and classification
+  if a.tiny:
+    c.data.image_size = 64
+    c.mirage.trainable = "full" if a.trainable == "last_blocks" else a.trainable  # a 2-4 block model: all of it
+    c.mirage.bank_size = 1024
+    c.train.batch_size = 32
+    c.train.lr = 1e-3
+    c.train.epochs = 6
+    c.eval.every_epochs = 3
+    c.train.log_every_steps = 10
+    c.train.checkpoint_every_steps = 50
   return c

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from data_pipelines import datasets, oct_phantom as op, preprocess, run_data
-from mediclip_jax.config_defaults import loop_config
+from mediclip_jax.config_defaults import anomaly_config
 from mediclip_jax.evaluate import oct_layers
 
 
@@ -110,7 +110,7 @@ def test_dataset_layout(tmp_path):
 
 
 def test_open_dataset_generates_the_kind_asked_for(tmp_path):
-  c = loop_config()
+  c = anomaly_config()
   c.data.phantom, c.data.phantom_kind, c.data.phantom_size = True, "oct", 64
   c.data.phantom_n_test, c.data.phantom_n_train, c.data.k_shot = 2, 3, -1  # -1: all, no particular number
   d = run_data.open_dataset(c.data, str(tmp_path), seed=5)

@@ -38,7 +38,12 @@ def stored_config(workdir: str, step: int | None = None) -> tuple[ml_collections
       meta = ckpt.restore_metadata(step)
   finally:
     ckpt.close()
-  return ml_collections.ConfigDict(meta["config"]), int(step)
+  config = ml_collections.ConfigDict(meta["config"])
+  if not getattr(methods.get(config.method), "ANOMALY_DATASET", True):
+    raise ValueError(f"{workdir}: a {config.method} run adapts image-text towers and scores no images: its "
+                     f"evaluation is in {os.path.join(workdir, 'results.json')}, its product the CLIP checkpoint "
+                     f"{os.path.join(workdir, 'clip')} (train a detector on it: --config.model.clip.checkpoint=)")
+  return config, int(step)
 
 
 def load_run(workdir: str, mesh: Mesh, config: ml_collections.ConfigDict | None = None,

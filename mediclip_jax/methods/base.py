@@ -8,6 +8,10 @@ A method is one module of `mediclip_jax.methods` with
 and is registered in `mediclip_jax/methods/__init__.py`. The loop sees only a `Trainable`:
 it calls `local_batch(step)` and `train_step(state, batch)`, evaluates with `scorer`, sets
 the decision threshold from `calibration_images`, and checkpoints `state` with `info`.
+
+A method whose data is not an anomaly dataset (MIRAGE: image-text pairs) sets `ANOMALY_DATASET = False`
+in its module: the loop then opens no dataset (`build` gets None) and the method evaluates itself
+(`Trainable.evaluate`).
 """
 from __future__ import annotations
 
@@ -48,17 +52,25 @@ class Trainable:
   reconstructor: for reconstruction-based methods, state -> a function of one global image batch returning the
     pseudo-healthy reconstructions (B,H,W) split over `data` (the layer-wise segmentation compares them with the
     input); None for others.
+  evaluate: for methods that are not anomaly detectors, state -> metrics (the same on every process), replacing
+    the anomaly scoring; `scorer`, `calibration_images` and `threshold` are then None.
+  select_key: the metric (higher is better) that picks the best evaluation; None: image or mean image/pixel AUROC.
+  finish: state, workdir -> {artefact: path}; run once on process 0 after the last evaluation, to write what the
+    method produces besides checkpoints (MIRAGE: the adapted CLIP towers); recorded in results.json "outputs".
   """
   state: Any
   train_step: Callable[[Any, dict], tuple[Any, Metrics]] | None
   local_batch: Callable[[int], Batch]
   steps_per_epoch: int
-  scorer: Callable[[Any], Callable[[jax.Array], tuple[jax.Array, jax.Array]]]
-  calibration_images: np.ndarray
-  threshold: Callable[[np.ndarray], float]
+  scorer: Callable[[Any], Callable[[jax.Array], tuple[jax.Array, jax.Array]]] | None
+  calibration_images: np.ndarray | None
+  threshold: Callable[[np.ndarray], float] | None
   info: dict = dataclasses.field(default_factory=dict)
   data_iterator: Any = None
   reconstructor: Callable[[Any], Callable[[jax.Array], jax.Array]] | None = None
+  evaluate: Callable[[Any], Metrics] | None = None
+  select_key: str | None = None
+  finish: Callable[[Any, str], dict] | None = None
 
 
 def quantile_threshold(q: float) -> Callable[[np.ndarray], float]:

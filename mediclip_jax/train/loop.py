@@ -20,7 +20,6 @@ import types
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from data_pipelines import run_data
 from mediclip_jax import checkpoints, parallel
@@ -32,15 +31,18 @@ UNTRAINED = "untrained (step 0)"  # row labels of the final table
 LAST = "last epoch"
 BEST = "best_epoch_on_test (reference protocol)"
 # Printed on the console (results.json and metrics.jsonl hold every metric, thresholds included).
-SHOWN = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+SHOWN = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro",
+         # image-text methods (MIRAGE)
+         "zeroshot_auroc", "zeroshot_accuracy", "i2t_recall@1", "t2i_recall@1", "noise_auroc")
 
 
 def shown(metrics: dict) -> dict:
   return {k: metrics[k] for k in SHOWN if k in metrics}
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field for loop settings that cannot work (before anything is built)."""
+def validate(config: ml_collections.ConfigDict, anomaly: bool = True) -> None:
+  """Raises ValueError naming the field for loop settings that cannot work (before anything is built); with
+  `anomaly` (a method that reads an anomaly dataset) also the dataset's and the anomaly evaluation's."""
   positive = {"train.batch_size": config.train.batch_size, "train.epochs": config.train.epochs,
               "train.log_every_steps": config.train.log_every_steps,
               "train.checkpoint_every_steps": config.train.checkpoint_every_steps,
@@ -49,6 +51,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+  if not anomaly:
+    return
   if config.eval.smoothing_sigma < 0:
     raise ValueError(f"config.eval.smoothing_sigma must be >= 0 (0 = raw maps), got {config.eval.smoothing_sigma}")
   if not 0.0 <= config.eval.threshold_quantile <= 1.0:
@@ -108,7 +112,7 @@ class _EvaluationAborted(Exception):
 # What a checkpoint's state and support set depend on: resuming with any of them changed is refused.
 # Where files live (weights, dataset root) and the compute dtype may change.
 RESUME_FIELDS = ("method", "seed", "model", "vae", "data.phantom", "data.image_size", "data.k_shot",
-                 "data.support_file", "data.color", "data.train_stream")
+                 "data.support_file", "data.color", "data.train_stream", "data.pairs", "mirage")
 RESUME_FREE = ("model.clip.checkpoint", "model.bpe_path", "model.dtype", "vae.path")
 
 
@@ -142,9 +146,13 @@ def check_resumable(config: ml_collections.ConfigDict, step: int, meta: dict, wo
 
 
 def _dump_params(state, path: str) -> None:
-  """Writes this process's replica of the state's parameters (flat names) to an .npz file."""
-  flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state["params"])}
-  np.savez(path, **{k: np.asarray(v[...].addressable_data(0)) for k, v in flat.items()})
+  """Writes this process's replica of the state's parameters (any pytree; dotted names such as
+  "clip.visual.proj") to an .npz file."""
+  def name(keys) -> str:
+    parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in keys)
+    return ".".join(str(p) for p in parts if p != "value")
+  leaves = jax.tree_util.tree_leaves_with_path(state["params"])
+  np.savez(path, **{name(p): np.asarray(v.addressable_data(0)) for p, v in leaves})
 
 
 def _write_json(path: str, obj) -> None:
@@ -181,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, method: 
 
 
 def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict:
-  validate(config)
+  validate(config, anomaly=getattr(method, "ANOMALY_DATASET", True))
   method.validate(config)
   mesh = parallel.make_mesh()
   parallel.check_global_batch(config.train.batch_size, mesh)
@@ -204,12 +212,14 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   resuming = checkpoints.has_checkpoint(ckpt.directory)
   if resuming:  # before the method builds (and writes its support set) or anything else is written
     check_resumable(config, *ckpt.newest_metadata(), workdir)
-  dataset = run_data.open_dataset(config.data, workdir, config.seed)
-  test = run_data.test_set(dataset, config.data, streaming=config.eval.streaming)
+  dataset = test = None
+  if getattr(method, "ANOMALY_DATASET", True):
+    dataset = run_data.open_dataset(config.data, workdir, config.seed)
+    test = run_data.test_set(dataset, config.data, streaming=config.eval.streaming)
   trainable = method.build(config, dataset, workdir, mesh, train=True)
   spe = trainable.steps_per_epoch
   total = config.train.epochs * spe
-  select_key = "mean_image_pixel_auroc" if test.has_masks else "image_auroc"
+  select_key = trainable.select_key or ("mean_image_pixel_auroc" if test.has_masks else "image_auroc")
 
   state = trainable.state
   start, restored = 0, None
@@ -221,10 +231,10 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   untrained, best, meta = None, {"score": None}, {}
   progress = writers.Progress(total, start, enabled=main)
   say = progress.write if main else (lambda line: None)
+  held = f"test={len(test)} ({-(-len(test) // jax.process_count())} per process, " \
+         f"{'streamed' if test.streaming else 'held in memory'}); " if test is not None else ""
   say(f"method={config.method} platform={jax.default_backend()} ({jax.local_devices()[0].device_kind}), "
-      f"{mesh.devices.size} devices, {jax.process_count()} processes; test={len(test)} "
-      f"({-(-len(test) // jax.process_count())} per process, {'streamed' if test.streaming else 'held in memory'}); "
-      f"{total} steps of {spe} per epoch")
+      f"{mesh.devices.size} devices, {jax.process_count()} processes; {held}{total} steps of {spe} per epoch")
   for line in trainable.info.get("notes", ()):
     say(line)
   if restored:
@@ -260,6 +270,8 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   multi = jax.process_count() > 1
 
   def evaluate(step: int) -> dict:
+    if trainable.evaluate is not None:  # a method that evaluates itself (no anomaly test set)
+      return trainable.evaluate(state)
     with writers.count_bar(len(test) + len(trainable.calibration_images), f"eval step {step}",
                            enabled=main) as bar:
       def tick(n: int) -> None:
@@ -289,14 +301,14 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
     """Reports an evaluation; returns the best one so far by the reference's selection key."""
     report(step, res)
     if best["score"] is None or res[select_key] > best["score"]:
-      best = {"score": res[select_key], "epoch": step // spe, "metrics": res}
+      best = {"score": res[select_key], "epoch": step // spe, "metrics": res, "key": select_key}
     return best
 
   def save(step: int, eval_pending: bool = False, calibrated: bool = True) -> None:
     """Checkpoints the state. Without `calibrated` (a SIGTERM before the last step: scoring the calibration
     images can take longer than a step) the threshold and normalisation are left out (None); the resumed
     run calibrates at its next checkpoint, and evaluate.py calibrates such a checkpoint itself."""
-    norm = calibrate(step) if calibrated else None
+    norm = calibrate(step) if calibrated and trainable.scorer is not None else None
     meta = {"config": json.loads(config.to_json_best_effort()), "step": int(step),
             "threshold": norm and norm.threshold, "normalization": norm and norm.to_dict(),
             "eval_pending": eval_pending,
@@ -386,15 +398,18 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
     final = evaluate(step)
   if dump_params:
     _dump_params(state, os.path.join(workdir, f"params_process{jax.process_index()}.npz"))
-  norm = calibrate(step)
   results = {"untrained": untrained, "last_epoch": final, BEST: best, "steps": total,
-             "wall_s": time.perf_counter() - t_start, "backbone": trainable.info.get("backbone"),
-             "decision": {"threshold": norm.threshold, "normalization": norm.to_dict(), "rule": (
+             "wall_s": time.perf_counter() - t_start, "backbone": trainable.info.get("backbone")}
+  if trainable.finish is not None and main:
+    results["outputs"] = trainable.finish(state, workdir)
+  if trainable.scorer is not None:
+    norm = calibrate(step)
+    results["decision"] = {"threshold": norm.threshold, "normalization": norm.to_dict(), "rule": (
                  f"score > threshold, the threshold being quantile {config.eval.threshold_quantile} of the scores of "
                  f"the {len(trainable.calibration_images)} normal calibration (support) images, fixed before any "
                  "test image is seen; image_sensitivity/image_specificity measure it on the test set. The "
                  "*_f1_threshold metrics are different: the F1-maximising thresholds chosen on the test set "
-                 "itself, for reporting only. predict.py reports normalised scores, this threshold at 0.5.")}}
+                 "itself, for reporting only. predict.py reports normalised scores, this threshold at 0.5.")}
   if main:
     _write_json(os.path.join(workdir, "results.json"), results)
     metrics_log.close()
@@ -410,7 +425,8 @@ def summary_rows(results: dict) -> dict[str, dict]:
   rows[LAST] = shown(results["last_epoch"])
   best = results.get(BEST) or {}
   if best.get("metrics"):
-    rows[f"best on test (epoch {best['epoch']})"] = shown(best["metrics"])
+    where = "validation" if str(best.get("key", "")).startswith("val_") else "test"
+    rows[f"best on {where} (epoch {best['epoch']})"] = shown(best["metrics"])
   return rows
 
 
