@@ -15,22 +15,47 @@ import os
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
 
 from mediclip_jax import config_utils
 
-# plan -> (config file, its fixed arguments, rows: (label, extra config arguments))
+COLUMNS = (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("Dice (threshold)", "seg_threshold_dice"),
+           ("Dice (layer-wise)", "seg_layers_dice"), ("staging NMI", "staging_nmi"), ("staging ARI", "staging_ari"))
+TEXT_COLUMNS = (("zero-shot AUROC", "zeroshot_auroc"), ("zero-shot accuracy", "zeroshot_accuracy"),
+                ("i2t R@1", "i2t_recall@1"), ("t2i R@1", "t2i_recall@1"), ("i2t R@5", "i2t_recall@5"),
+                ("noise AUROC (-s)", "noise_auroc"))
+DETECTOR_COLUMNS = (("image AUROC", "image_auroc"), ("image AP", "image_ap"), ("pixel AUROC", "pixel_auroc"),
+                    ("pixel AUPRO", "pixel_aupro"))
+
+
+class Plan(NamedTuple):
+  """config file, its fixed arguments, rows (label, extra config arguments and `--config.x=y` overrides), the
+  table's columns, and per dataset: its config argument and overrides. Overrides may name {seed}, {dataset} and
+  {source_runs} (the --source_runs flag: another sweep's --out, whose runs this one builds on)."""
+  config: str
+  fixed: str
+  rows: tuple
+  columns: tuple = COLUMNS
+  dataset_args: dict | None = None
+  dataset_overrides: dict | None = None
+
+
+_FP_RATES = (0.0, 0.2, 0.4, 0.6)
+# The chain: MediCLIP (tiny, random init) on towers adapted by the `mirage` plan's runs of the same seed. BUSI is
+# evaluated on the images whose captions the adaptation never saw (its runs' heldout_dataset).
+_CHAIN_CKPT = "--config.model.clip.checkpoint={source_runs}/%s/row%d/seed{seed}/clip"
 PLANS = {
-    "ssl_anovae": ("configs/ssl_anovae.py", "tiny", (
+    "ssl_anovae": Plan("configs/ssl_anovae.py", "tiny", (
         ("concatenation [z_I ; z_S] (paper)", ""),
         ("plain VAE (z_I only)", "latents=image"),
         ("z_S only", "latents=ssl"),
         ("SSL pretrained, then frozen", "ssl_mode=pretrain_frozen"),
         ("no adversarial term", "adv=0"),
     )),
-    "ssl_anovae_views": ("configs/ssl_anovae.py", "tiny", (
+    "ssl_anovae_views": Plan("configs/ssl_anovae.py", "tiny", (
         ("views=oct", "views=oct"),
         ("views=grey", "views=grey"),
         ("views=fundus", "views=fundus"),
@@ -39,14 +64,30 @@ PLANS = {
         ("views=cutout", "views=cutout"),
         ("views=none (identity)", "views=none"),
     )),
+    # rows 2i / 2i+1: InfoNCE / MIRAGE at false-positive rate _FP_RATES[i]
+    "mirage": Plan("configs/mirage.py", "tiny", tuple(
+        (f"{name} fp_rate={p}", f"loss={loss},fp_rate={p}") for p in _FP_RATES
+        for name, loss in (("InfoNCE", "infonce"), ("MIRAGE", "mirage"))), TEXT_COLUMNS),
+    "mirage_chain": Plan("configs/busi.py", "tiny", (
+        ("unadapted random-init towers", ""),
+        ("InfoNCE-adapted towers (fp_rate=0)", _CHAIN_CKPT % ("{pairs}", 0)),
+        ("MIRAGE-adapted towers (fp_rate=0)", _CHAIN_CKPT % ("{pairs}", 1)),
+        ("InfoNCE-adapted towers (fp_rate=0.4)", _CHAIN_CKPT % ("{pairs}", 4)),
+        ("MIRAGE-adapted towers (fp_rate=0.4)", _CHAIN_CKPT % ("{pairs}", 5)),
+    ), DETECTOR_COLUMNS, dataset_args={"phantom": "phantom", "busi": ""},
+        # at the adaptation's 64 px
+        dataset_overrides={"phantom": "--config.data.image_size=64 --config.data.phantom_size=64",
+                           "busi": "--config.data.image_size=64 --config.data.root={source_runs}/busi_captions/row0/"
+                                   "seed{seed}/heldout_dataset"}),
 }
-COLUMNS = (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("Dice (threshold)", "seg_threshold_dice"),
-           ("Dice (layer-wise)", "seg_layers_dice"), ("staging NMI", "staging_nmi"), ("staging ARI", "staging_ari"))
 UNTRAINED = "untrained (step 0)"
 
 _PLAN = flags.DEFINE_enum("plan", "ssl_anovae", sorted(PLANS), "Which grid to run.")
+_SOURCE_RUNS = flags.DEFINE_string("source_runs", None, "mirage_chain: the --out of the `mirage` sweep whose "
+                                   "adapted towers (and held-out BUSI listing) the chain uses.")
 _DATASETS = flags.DEFINE_list("datasets", ["oct_phantom"], "Dataset arguments of the plan's config.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "config.seed values.")
+_ROWS = flags.DEFINE_list("rows", None, "Indices of the plan's rows to run (default: all).")
 _OUT = flags.DEFINE_string("out", None, "Root of the runs' work directories.", required=True)
 _TABLE = flags.DEFINE_string("table", None, "Also write the markdown table here.")
 _EXTRA = flags.DEFINE_multi_string("override", [], "--config.x=y overrides given to every run.")
@@ -60,15 +101,28 @@ def run_dir(out: str, dataset: str, row: int, seed: str) -> str:
   return os.path.join(out, dataset, f"row{row}", f"seed{seed}")
 
 
-def command(config_file: str, args: str, dataset: str, seed: str, workdir: str, extra: list[str]) -> list[str]:
-  arg = ",".join(a for a in (dataset, args) if a)
-  return [sys.executable, "launch/train.py", f"--config={config_file}:{arg}", f"--config.seed={seed}",
-          f"--workdir={workdir}", *extra]
+_CHAIN_PAIRS = {"phantom": "phantom_reports", "busi": "busi_captions"}
+
+
+def command(plan: Plan, row_args: str, dataset: str, seed: str, workdir: str, extra: list[str],
+            source_runs: str | None = None) -> list[str]:
+  """The launch/train.py command of one run: config arguments and overrides, placeholders filled."""
+  words = " ".join(a for a in (row_args, (plan.dataset_overrides or {}).get(dataset, "")) if a).split()
+  overrides = [w for w in words if w.startswith("--")]
+  if overrides and any("{source_runs}" in w for w in overrides) and not source_runs:
+    raise ValueError(f"plan rows name {{source_runs}}: pass --source_runs (the --out of the sweep they build on)")
+  fill = {"seed": seed, "dataset": dataset, "source_runs": source_runs or "", "pairs": _CHAIN_PAIRS.get(dataset, "")}
+  overrides = [w.replace("{pairs}", fill["pairs"]).format(**fill) for w in overrides]
+  config_args = [w for w in words if not w.startswith("--")]
+  dataset_arg = (plan.dataset_args or {}).get(dataset, dataset)
+  arg = ",".join(a for a in (dataset_arg, plan.fixed, *config_args) if a)
+  return [sys.executable, "launch/train.py", f"--config={plan.config}:{arg}", f"--config.seed={seed}",
+          f"--workdir={workdir}", *overrides, *extra]
 
 
 def collect(out: str, plan: str, datasets, seeds) -> dict:
   """{dataset: {row label: {metric: [values over seeds]}}}, the untrained row from the first row's runs."""
-  _, _, rows = PLANS[plan]
+  rows, columns = PLANS[plan].rows, PLANS[plan].columns
   table = {}
   for dataset in datasets:
     per = {}
@@ -82,7 +136,7 @@ def collect(out: str, plan: str, datasets, seeds) -> dict:
         parts = [(label, res["last_epoch"])] + ([(UNTRAINED, res["untrained"])] if i == 0 and res.get("untrained")
                                                 else [])
         for name, metrics in parts:
-          for _, key in COLUMNS:
+          for _, key in columns:
             if metrics.get(key) is not None:
               per.setdefault(name, {}).setdefault(key, []).append(float(metrics[key]))
     order = [UNTRAINED] + [label for label, _ in rows]
@@ -90,11 +144,11 @@ def collect(out: str, plan: str, datasets, seeds) -> dict:
   return table
 
 
-def markdown(table: dict) -> str:
+def markdown(table: dict, columns=COLUMNS) -> str:
   """One markdown table per dataset: mean ± std over seeds (n seeds in the last column)."""
   out = []
   for dataset, rows in table.items():
-    keys = [(h, k) for h, k in COLUMNS if any(k in r for r in rows.values())]
+    keys = [(h, k) for h, k in columns if any(k in r for r in rows.values())]
     out.append(f"**{dataset}**\n")
     out.append("| row | " + " | ".join(h for h, _ in keys) + " | seeds |")
     out.append("|---" * (len(keys) + 2) + "|")
@@ -111,18 +165,20 @@ def markdown(table: dict) -> str:
 
 def main(argv) -> int:
   del argv
-  config_file, fixed, rows = PLANS[_PLAN.value]
+  plan = PLANS[_PLAN.value]
   env = dict(os.environ)
   cache = os.path.join(_OUT.value, "jax_cache") if _CACHE.value is None else _CACHE.value
   if cache:
     env["JAX_COMPILATION_CACHE_DIR"] = cache
   todo = []
   for dataset in _DATASETS.value:
-    for i, (label, args) in enumerate(rows):
+    for i, (label, args) in enumerate(plan.rows):
+      if _ROWS.value is not None and str(i) not in _ROWS.value:
+        continue
       for seed in _SEEDS.value:
         workdir = run_dir(_OUT.value, dataset, i, seed)
         if not os.path.isfile(os.path.join(workdir, "results.json")):
-          cmd = command(config_file, ",".join(a for a in (fixed, args) if a), dataset, seed, workdir, _EXTRA.value)
+          cmd = command(plan, args, dataset, seed, workdir, _EXTRA.value, _SOURCE_RUNS.value)
           todo.append((f"{label} / {dataset} / seed {seed}", workdir, cmd))
   running = []
 
@@ -155,7 +211,7 @@ def main(argv) -> int:
                     time.perf_counter(), log))
   reap(block=True)
   table = collect(_OUT.value, _PLAN.value, _DATASETS.value, _SEEDS.value)
-  text = markdown(table)
+  text = markdown(table, plan.columns)
   print(text)
   with open(os.path.join(_OUT.value, f"{_PLAN.value}.json"), "w", encoding="utf-8") as f:
     json.dump(table, f, indent=2)

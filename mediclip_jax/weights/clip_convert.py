@@ -326,13 +326,15 @@ def read_clip_checkpoint(path: str | os.PathLike, arch: Mapping | None = None,
   return arch, params
 
 
-def write_clip_checkpoint(directory: str | os.PathLike, arch: Mapping, params: Mapping[str, np.ndarray]) -> None:
-  """Writes our own checkpoint format: clip_config.json + model.safetensors (fp32)."""
+def write_clip_checkpoint(directory: str | os.PathLike, arch: Mapping, params: Mapping[str, np.ndarray],
+                          metadata: Mapping[str, str] | None = None) -> None:
+  """Writes our own checkpoint format: clip_config.json + model.safetensors (fp32); `metadata` (strings, e.g. the
+  training config of adapted towers) joins the safetensors header."""
   directory = os.fspath(directory)
   arch = check_arch(arch, directory)
   os.makedirs(directory, exist_ok=True)
   io.write_safetensors(os.path.join(directory, OWN_WEIGHTS),
                        {k: np.asarray(v, np.float32) for k, v in params.items()},
-                       metadata={"format": "mediclip_jax.clip", "version": "1"})
+                       metadata={**(metadata or {}), "format": "mediclip_jax.clip", "version": "1"})
   with open(os.path.join(directory, OWN_CONFIG), "w") as f:
     json.dump(arch, f, indent=2)
