@@ -1,6 +1,6 @@
 """MIRAGE: noise-robust image-text adaptation of the CLIP towers (stage 0), then few-shot MediCLIP on them.
 
-  python launch/train.py --config configs/mirage.py:phantom_reports,tiny --workdir runs/mirage_phantom  # CPU, ~1 min
+  python launch/train.py --config configs/mirage.py:phantom_reports,tiny --workdir runs/mirage_phantom  # CPU, ~2 min
   python launch/train.py --config configs/mirage.py:phantom_reports,tiny,loss=infonce,fp_rate=0.4 ...
   python launch/train.py --config configs/mirage.py:busi_captions,tiny --workdir runs/mirage_busi
   python launch/train.py --config configs/mirage.py:brainmri_captions --config.model.clip.checkpoint=ckpt/vit_b16 ...
