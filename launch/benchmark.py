@@ -5,13 +5,18 @@
   python launch/benchmark.py --config configs/bench_latent.py --out bench_latent.json --profile_steps 5
   python launch/benchmark.py --config configs/bench_ssl_anovae.py:tiny --out bench_ssl_anovae_tiny.json  # CPU
   python launch/benchmark.py --config configs/bench_ssl_anovae.py --out bench_ssl_anovae.json  # 256 px, B=32/device
+  python launch/benchmark.py --config configs/bench_mirage.py:tiny --out bench_mirage_tiny.json  # CPU
+  python launch/benchmark.py --config configs/bench_mirage.py --out bench_mirage.json  # ViT-B/16, B=256, bank 65,536
   python launch/benchmark.py --suite --out suite.json                         # one GPU, under 8 minutes
   python launch/benchmark.py --suite --suite_scale tiny --out suite_cpu.json  # the same suite at CPU sizes
 
 The method (`config.method`) is built through its interface, `methods.get(name).build(config,
 dataset, workdir, mesh, train=True)`, on a generated support dataset (`bench.support`: 16
 "phantom" chest images, generated at 64..224 px and resized by the method as any dataset, or
-"random" noise images at `data.image_size`). Modes (--modes, default `bench.modes`):
+"random" noise images at `data.image_size`). A method whose module sets `ANOMALY_DATASET = False` (MIRAGE) gets
+no support dataset (`build` receives None): it reads its own data (MIRAGE: the image-text pairs of `data.pairs`,
+generated under the build folder), and a memory bank it keeps in its state (`trainable.info["bank"]`: size, dim,
+bytes) is recorded under `bank`. Modes (--modes, default `bench.modes`):
   fused      `trainable.train_step(state, batch)` on `trainable.local_batch(step)`: the real step.
              For MediCLIP: synthesis + CLIP + loss + update in one jitted program; the host sends indices.
   host       the same pixel tasks per sample in numpy/OpenCV on `bench.host_workers` spawned CPU
@@ -25,8 +30,9 @@ also gives the stage breakdown (each part jitted alone: synthesis, VAE encode/de
 forward; off with `--config.bench.stages=false`) and the analytic FLOPs behind MFU. A method without
 the hook runs `fused` only, with MFU null. A hook may give FLOPs only (SSL-AnoVAE's,
 mediclip_jax/methods/ssl_anovae_bench.py: no feeds, the fed modes `unavailable` with the reason, and
-`stages` None: no stage breakdown). A mode that cannot run here (host mode without OpenCV
-and scipy, the `bench` extra, or with latent tasks) is skipped with its reason in `skipped`.
+`stages` None: no stage breakdown; MIRAGE's, mediclip_jax/methods/mirage_bench.py, likewise). A mode that
+cannot run here (host mode without OpenCV and scipy, the `bench` extra, or with latent tasks) is skipped with
+its reason in `skipped`.
 
 Each mode AOT-compiles its step (trace, lower and compile timed separately; arrays the step closes
 over become arguments of the compiled program, not constants), runs `bench.warmup_steps` untimed
@@ -40,8 +46,8 @@ The suite runs, in one process: the time to result of a full configs/brainmri.py
 and the final evaluation, random-init backbone, evaluation only at the end), the reference-size
 step (configs/bench_reference.py: fused vs host vs synthetic), the latent step
 (configs/bench_latent.py) and each registered method's step (its own benchmark config where the plan
-names one: configs/bench_ssl_anovae.py for SSL-AnoVAE); `--suite_scale tiny` runs it with CPU stand-in
-sizes.
+names one: configs/bench_ssl_anovae.py for SSL-AnoVAE, configs/bench_mirage.py for MIRAGE); `--suite_scale
+tiny` runs it with CPU stand-in sizes.
 """
 from __future__ import annotations
 
@@ -267,6 +273,18 @@ def support_dataset(config: ml_collections.ConfigDict, root: str) -> tuple[datas
   raise ValueError(f"bench.support must be 'phantom' or 'random', got {kind!r}")
 
 
+def method_data(config: ml_collections.ConfigDict, trainable) -> dict:
+  """The description of a method's own data (a method with `ANOMALY_DATASET = False` gets no support dataset)."""
+  pairs = config.data.get("pairs")
+  phantom = pairs is not None and pairs.source == "phantom_reports"
+  return {"kind": "method_data", "image_size": int(config.data.image_size),
+          "source": pairs.source if pairs is not None else None,
+          "generated_px": int(pairs.phantom_size) if phantom else None,
+          "counts": (trainable.info.get("pairs") or {}).get("counts"),
+          "note": "the method reads its own data (MIRAGE: the image-text pairs of data.pairs), generated under the "
+                  "build folder; no anomaly support dataset"}
+
+
 class Workload:
   """A method built for benchmarking: config (global batch set), mesh, `Trainable`, the hook's parts."""
 
@@ -283,9 +301,13 @@ class Workload:
     with config.unlocked():
       config.train.batch_size = self.batch
     self.method.validate(config)
-    dataset, self.support = support_dataset(config, build_dir)
+    dataset = None
+    if getattr(self.method, "ANOMALY_DATASET", True):
+      dataset, self.support = support_dataset(config, build_dir)
     self.config = config
     self.trainable = self.method.build(config, dataset, build_dir, self.mesh, train=True)
+    if dataset is None:  # the method reads its own data (MIRAGE: data.pairs), generated under build_dir
+      self.support = method_data(config, self.trainable)
     hook = methods.BENCH_PARTS.get(self.config.method)
     self.parts = hook(config, self.mesh, self.trainable) if hook else None
     self.fed_program: tuple[str, Program] | None = None  # (first mode that compiled it, program)
@@ -380,7 +402,8 @@ def run_mode(w: Workload, mode: str, peak: float | None, profile_steps: int, wor
   if mode == "fused":
     res, _ = _time_mode(w, mode, w.trainable.train_step, lambda i, warm: w.index_batch(i), w.flops("fused_step"),
                         peak, profile_steps, workdir)
-    res["input"] = "per step: the method's local batch (for MediCLIP: support and sample indices) host->device"
+    res["input"] = ("per step: the method's local batch host->device (MediCLIP: support and sample indices; "
+                    "MIRAGE: the images and tokens of the pairs)")
     res["compile_shared_with"] = None
     return res
   total = int(w.bench.warmup_steps) + int(w.bench.steps) + max(profile_steps, 0)
@@ -470,8 +493,8 @@ def run(config: ml_collections.ConfigDict, name: str, *, modes: str, peak_tflops
       "step_program": None, "device": dev, "versions": _versions(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "compilation_cache": _compilation_cache(),
       "dtype_policy": None, "batch": None, "image_size": int(config.data.image_size), "support": None,
-      "model": None, "synthesis": None, "peak_flops_per_device": None, "peak_source": None, "mfu_note": None,
-      "analytic_flops": None,
+      "model": None, "synthesis": None, "bank": None, "peak_flops_per_device": None, "peak_source": None,
+      "mfu_note": None, "analytic_flops": None,
       "xla_flops_note": "Compiled.cost_analysis()['flops'] of each compiled program (the per-device program "
                         "on a multi-device mesh); it also counts elementwise work",
       "modes": {}, "skipped": {}, "errors": {}, "ratios_images_per_s": {}, "stages": None,
@@ -497,7 +520,8 @@ def run(config: ml_collections.ConfigDict, name: str, *, modes: str, peak_tflops
       parts = w.parts
       result.update(config=json.loads(w.config.to_json_best_effort()), support=w.support,
                     batch={"global": w.batch, "per_device": w.batch // w.n_dev,
-                           "per_process": w.batch // jax.process_count()})
+                           "per_process": w.batch // jax.process_count()},
+                    bank=w.trainable.info.get("bank"))  # a memory bank in the state (MIRAGE's): size, dim, bytes
       if parts is not None:
         result.update({k: parts.info.get(k) for k in ("step_program", "dtype_policy", "model", "synthesis")})
         result["analytic_flops"] = {**parts.flops, "convention": "matmul/conv FLOPs only, multiply-add = 2 FLOPs "
@@ -543,6 +567,9 @@ def format_summary(r: dict) -> str:
   batch = r["batch"]["global"] if r["batch"] else "?"
   lines = [f"{r['config_name']} ({r['method']}): {d['kind']} x{d['count']} ({d['process_count']} process), "
            f"batch {batch}, {r['image_size']} px, {model}"]
+  if r.get("bank"):
+    b = r["bank"]
+    lines.append(f"  bank {b['size']} x {b['dim']} float32: {b['bytes'] / 2**20:.2f} MiB in the train state")
   for m, x in r["modes"].items():
     mfu = f"{100 * x['mfu']:.1f}%" if x["mfu"] is not None else "n/a"
     compile_ = (f"compile {x['trace_s'] + x['lower_s']:.1f}+{x['compile_s']:.1f} s" if not x["compile_shared_with"]
@@ -586,7 +613,7 @@ SUITE_PLANS = {
         "latent": ("bench_latent.py", None, {"bench.steps": 10, "bench.warmup_steps": 2, "bench.modes": "fused"},
                    _LATENT_SKIPS),
         "method_step": {"bench.steps": 20, "bench.warmup_steps": 2, "bench.modes": "fused", "bench.stages": False},
-        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", None)},
+        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", None), "mirage": ("bench_mirage.py", None)},
     },
     "tiny": {
         "brainmri": ("brainmri.py", "tiny", {"train.epochs": 2}, {}),
@@ -595,7 +622,7 @@ SUITE_PLANS = {
         "latent": ("bench_tiny.py", "latent", {"bench.steps": 2, "bench.warmup_steps": 1, "bench.modes": "fused"},
                    _LATENT_SKIPS),
         "method_step": {"bench.steps": 2, "bench.warmup_steps": 1, "bench.modes": "fused", "bench.stages": False},
-        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", "tiny")},
+        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", "tiny"), "mirage": ("bench_mirage.py", "tiny")},
     },
 }
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
