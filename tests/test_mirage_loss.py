@@ -1,4 +1,4 @@
-"""MIRAGE's loss (mediclip_jax/methods/mirage_loss.py): the limiting cases of docs/METHODS.md section 2.7."""
+"""MIRAGE's loss (mediclip_jax/methods/mirage_loss.py): its limiting cases (s = 1 with a bank of the batch's own captions, cost -I, a sharp queue scale), the stop-gradient on s, the bank's wrap-around, Sinkhorn's marginals, 1 vs 8 devices."""
 from __future__ import annotations
 
 import json

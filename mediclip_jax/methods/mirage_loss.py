@@ -7,9 +7,9 @@ has three terms:
   - rcl: the same loss on (v, t~), weighted by 1 - s (a likely mismatched pair learns from its neighbour);
   - otc: an optimal-transport term. The plans are the row-softmaxes of the similarities; the cost is the
     detached caption-to-retrieved-caption similarity, so semantically equal off-diagonal pairs cost little.
-Total: lambda_pcl * pcl + lambda_rcl * rcl + lambda_otc * otc (docs/METHODS.md section 2.3).
+Total: lambda_pcl * pcl + lambda_rcl * rcl + lambda_otc * otc (docs/mirage.md, "The loss").
 
-Two porting decisions are deliberate (docs/METHODS.md section 2.3, (a) and (b)):
+Two porting decisions are deliberate (docs/mirage.md):
   - OT cost orientation. The released code uses C_ij = -t_i . t~_j untransposed for both directions.
     For the image->text plan (image i, text j) that pairs caption i with image j's neighbour, not image i's.
     The default `cost="principled"` uses C^T for image->text; `cost="code"` reproduces the release.
