@@ -1,10 +1,15 @@
 """Running several test processes together (multi-process JAX on 127.0.0.1), bounded in time."""
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def free_port() -> int:
@@ -37,3 +42,55 @@ def run_together(cmds: list[list[str]], logs: list[Path], timeout: float, env: d
     for f in files:
       f.close()
   return [p.returncode for p in procs]
+
+
+def launcher_env() -> dict[str, str]:
+  """The environment of a launcher subprocess: this checkout first on the path, CPU, every compiled program in
+  the session's persistent cache (`tests/conftest.py`; minimum compile time 0)."""
+  from tests.conftest import REPO
+  return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def read_params(workdir: Path) -> dict[str, np.ndarray]:
+  """The parameters a run wrote with `launch/train.py --dump_params` (process 0's copy)."""
+  with np.load(Path(workdir) / "params_process0.npz") as f:
+    return {k: f[k] for k in f.files}
+
+
+def sigterm_after_first_train_row(cmd: list[str], workdir: Path, env: dict[str, str], timeout: float = 600) -> int:
+  """Starts a training command, sends SIGTERM once its first train row is logged, checks that it exits with 130
+  after writing a checkpoint, and returns that checkpoint's step."""
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = Path(workdir) / "metrics.jsonl"
+  t0 = time.time()
+  while not (metrics.is_file() and "train/loss" in metrics.read_text()):
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError("timed out waiting for the first train row")
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 130, err[-3000:]
+  return int(err.split("checkpoint written at step ")[1].split(";")[0])
+
+
+def resume_to_the_uninterrupted_run(cmd: list[str], workdir: Path, step: int, uninterrupted: Path, env: dict[str, str],
+                                    metric_tol: float = 1e-6) -> None:
+  """Reruns a training command stopped at `step`: it must resume there and end with the uninterrupted run's
+  parameters (to 1e-6) and its untrained and last-epoch metrics."""
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert f"resumed from step {step}" in proc.stderr
+  a, b = read_params(uninterrupted), read_params(workdir)
+  assert a.keys() == b.keys()
+  diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+  print(f"resumed from step {step}: max |param diff| vs uninterrupted = {diff}")
+  assert diff <= 1e-6
+  want = json.loads((Path(uninterrupted) / "results.json").read_text())
+  got = json.loads((Path(workdir) / "results.json").read_text())
+  assert got["steps"] == want["steps"] and got["untrained"] == want["untrained"]
+  assert got["last_epoch"].keys() == want["last_epoch"].keys()
+  for k, v in want["last_epoch"].items():
+    assert (v is None and got["last_epoch"][k] is None) or abs(got["last_epoch"][k] - v) <= metric_tol, k

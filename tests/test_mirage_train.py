@@ -7,17 +7,15 @@ Launchers run as subprocesses (their absl flags collide in one process) sharing 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.processes import launcher_env, read_params, resume_to_the_uninterrupted_run, sigterm_after_first_train_row
 
 CONFIG = ["--config", f"{REPO / 'configs' / 'mirage.py'}:phantom_reports,tiny,fp_rate=0.4"]
 # 240 pairs at 64 px: 192 train / 24 val / 24 test; batch 16: 12 steps per epoch, 24 steps; evaluations at
@@ -32,24 +30,15 @@ TRAIN_KEYS = ("loss", "pcl", "rcl", "otc", "s_mean", "s_noisy", "s_clean", "fn_p
               "tau_queue", "grad_norm")
 
 
-def _env() -> dict[str, str]:
-  return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
 def _train_cmd(workdir: Path, *extra: str) -> list[str]:
   return [sys.executable, str(REPO / "launch" / "train.py"), *CONFIG, "--workdir", str(workdir), *OVERRIDES,
           "--dump_params", *extra]
 
 
-def _params(workdir: Path) -> dict[str, np.ndarray]:
-  with np.load(workdir / "params_process0.npz") as f:
-    return {k: f[k] for k in f.files}
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
   wd = tmp_path_factory.mktemp("mirage") / "a"
-  proc = subprocess.run(_train_cmd(wd), env=_env(), capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(_train_cmd(wd), env=launcher_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   (wd / "console.txt").write_text(proc.stdout + proc.stderr)
   return wd
@@ -82,7 +71,7 @@ def test_run_adapts_evaluates_checkpoints_and_writes_a_clip_checkpoint(uninterru
   assert meta["method"] == "mirage" and meta["step"] == str(STEPS)
   assert json.loads(meta["training_config"])["data"]["pairs"]["fp_rate"] == 0.4
   model = load_clip(ckpt)
-  trained = _params(uninterrupted)
+  trained = read_params(uninterrupted)
   got = np.asarray(model.visual.proj[...])
   np.testing.assert_array_equal(got, trained["clip.visual.proj"])
   tau = 1 / np.exp(float(model.logit_scale[...]))
@@ -92,32 +81,10 @@ def test_run_adapts_evaluates_checkpoints_and_writes_a_clip_checkpoint(uninterru
 @pytest.mark.slow
 def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters_and_metrics(uninterrupted, tmp_path):
   wd = tmp_path / "b"
-  proc = subprocess.Popen(_train_cmd(wd), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = wd / "metrics.jsonl"
-  t0 = time.time()
-  while not (metrics.is_file() and "train/loss" in metrics.read_text()):
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    assert time.time() - t0 < 600, "timed out"
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=600)
-  assert proc.returncode == 130, err[-3000:]
-  step = int(err.split("checkpoint written at step ")[1].split(";")[0])
+  step = sigterm_after_first_train_row(_train_cmd(wd), wd, launcher_env())
   assert 2 <= step < STEPS
   assert not (wd / "clip").exists()  # the CLIP checkpoint is written when the run completes
-  proc = subprocess.run(_train_cmd(wd), env=_env(), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert f"resumed from step {step}" in proc.stderr
-  a, b = _params(uninterrupted), _params(wd)
-  assert a.keys() == b.keys()
-  diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-  print(f"resumed from step {step}: max |param diff| vs uninterrupted = {diff}")
-  assert diff <= 1e-6
-  want = json.loads((uninterrupted / "results.json").read_text())
-  got = json.loads((wd / "results.json").read_text())
-  assert got["untrained"] == want["untrained"]
-  for k, v in want["last_epoch"].items():
-    assert got["last_epoch"][k] == pytest.approx(v, abs=1e-5), k
+  resume_to_the_uninterrupted_run(_train_cmd(wd), wd, step, uninterrupted, launcher_env(), metric_tol=1e-5)
   assert (wd / "clip" / "model.safetensors").is_file()
 
 

@@ -11,17 +11,15 @@ ones (~20 s), which the runs after the first then load. (An 8-device process's c
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.processes import launcher_env, read_params, resume_to_the_uninterrupted_run, sigterm_after_first_train_row
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +39,9 @@ RESULT_KEYS = ("image_auroc", "pixel_auroc", "staging_accuracy", "staging_accura
                "staging_ari", "seg_threshold_dice", "seg_threshold_iou", "seg_layers_dice", "seg_layers_iou")
 
 
-def _env() -> dict[str, str]:
-  return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
 def _train_cmd(workdir: Path, *extra: str) -> list[str]:
   return [sys.executable, str(REPO / "launch" / "train.py"), *CONFIG, "--workdir", str(workdir), *OVERRIDES,
           "--dump_params", *extra]
-
-
-def _params(workdir: Path) -> dict[str, np.ndarray]:
-  with np.load(workdir / "params_process0.npz") as f:
-    return {k: f[k] for k in f.files}
 
 
 def _checkpoints(workdir: Path) -> list[int]:
@@ -63,7 +52,7 @@ def _checkpoints(workdir: Path) -> list[int]:
 def test_one_vs_eight_devices_same_states_losses_maps_and_one_compilation():
   """3 steps on 1 and on 8 devices agree in params, disc and target; 6 steps compile the step once per mesh."""
   proc = subprocess.run([sys.executable, str(REPO / "tests" / "ssl_anovae_multidevice.py"), *CONFIG, *OVERRIDES],
-                        env=_env(), capture_output=True, text=True, timeout=900)
+                        env=launcher_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   print(res)
@@ -86,7 +75,7 @@ def test_one_vs_eight_devices_same_states_losses_maps_and_one_compilation():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
   wd = tmp_path_factory.mktemp("ssl_run") / "a"
-  proc = subprocess.run(_train_cmd(wd), env=_env(), capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(_train_cmd(wd), env=launcher_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   (wd / "console.txt").write_text(proc.stdout + proc.stderr)
   return wd
@@ -113,7 +102,7 @@ def test_run_writes_results_with_staging_and_segmentation_metrics_checkpoints_an
   for step in (0, 4, 8):
     assert sorted(p.name for p in (wd / "figures" / f"step_{step:06d}").iterdir()) == FIGURES
   assert any(p.name.startswith("events.out.tfevents") for p in (wd / "tensorboard").rglob("*"))
-  params = _params(wd)
+  params = read_params(wd)
   assert {k.split(".")[0] for k in params} >= {"image_encoder", "backbone", "decoder", "projector", "predictor"}
   assert all(np.isfinite(v).all() for v in params.values())
   assert json.loads((wd / "support_set.json").read_text())["k"] == 16  # every training phantom
@@ -121,42 +110,12 @@ def test_run_writes_results_with_staging_and_segmentation_metrics_checkpoints_an
   assert "compiled in" in console and "untrained (step 0)" in console and "last epoch" in console
 
 
-def _wait(cond, proc: subprocess.Popen, timeout: float = 600) -> None:
-  t0 = time.time()
-  while time.time() - t0 < timeout:
-    if cond():
-      return
-    if proc.poll() is not None:
-      raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-    time.sleep(0.05)
-  raise AssertionError("timed out")
-
-
 def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters_and_metrics(uninterrupted, tmp_path):
   wd = tmp_path / "b"
-  proc = subprocess.Popen(_train_cmd(wd), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = wd / "metrics.jsonl"
-  _wait(lambda: metrics.is_file() and "train/loss" in metrics.read_text(), proc)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=600)
-  assert proc.returncode == 130, err[-3000:]
-  step = int(err.split("checkpoint written at step ")[1].split(";")[0])
+  step = sigterm_after_first_train_row(_train_cmd(wd), wd, launcher_env())
   assert 2 <= step < STEPS and _checkpoints(wd) == [step]  # periodic checkpoints come only at step 8
   assert not (wd / "params_process0.npz").exists()
-  proc = subprocess.run(_train_cmd(wd), env=_env(), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert f"resumed from step {step}" in proc.stderr
-  a, b = _params(uninterrupted), _params(wd)
-  assert a.keys() == b.keys()
-  diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-  print(f"resumed from step {step}: max |param diff| vs uninterrupted = {diff}")
-  assert diff <= 1e-6
-  want = json.loads((uninterrupted / "results.json").read_text())
-  got = json.loads((wd / "results.json").read_text())
-  assert got["steps"] == STEPS and got["untrained"] == want["untrained"]
-  assert got["last_epoch"].keys() == want["last_epoch"].keys()
-  for k, v in want["last_epoch"].items():
-    assert got["last_epoch"][k] == pytest.approx(v, abs=1e-6), k
+  resume_to_the_uninterrupted_run(_train_cmd(wd), wd, step, uninterrupted, launcher_env())
 
 
 def test_predict_writes_rows_summary_and_panels_as_for_mediclip(uninterrupted, tmp_path):
@@ -166,7 +125,7 @@ def test_predict_writes_rows_summary_and_panels_as_for_mediclip(uninterrupted, t
   listing.write_text("".join(f"{p}\n" for p in images))
   out = tmp_path / "out"
   proc = subprocess.run([sys.executable, str(REPO / "launch" / "predict.py"), "--workdir", str(uninterrupted),
-                         "--input", str(listing), "--out", str(out)], env=_env(), capture_output=True, text=True,
+                         "--input", str(listing), "--out", str(out)], env=launcher_env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -190,7 +149,7 @@ def test_evaluate_reproduces_the_last_epoch_and_writes_only_where_told(uninterru
   before = {p: p.read_bytes() for p in uninterrupted.iterdir() if p.is_file()}
   out = tmp_path / "eval.json"
   proc = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), "--workdir", str(uninterrupted),
-                         "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
+                         "--out", str(out)], env=launcher_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(out.read_text())["runs"][str(uninterrupted)]
   last = json.loads((uninterrupted / "results.json").read_text())["last_epoch"]
