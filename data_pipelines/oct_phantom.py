@@ -23,13 +23,11 @@ mild area). Images are float32 in [0, 1]; masks float32 {0, 1}; layers int32.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.phantom import _image_seed, _sigmoid, _smooth_noise, _to_png
+from data_pipelines.phantom import _image_seed, _sigmoid, _smooth_noise, write_mediclip_layout
 
 BANDS = ("nerve_fibre", "ganglion_inner_plexiform", "inner_nuclear", "outer_plexiform", "outer_nuclear",
          "photoreceptor", "rpe")
@@ -212,34 +210,10 @@ def oct_phantom_arrays(n_train: int = 16, n_test_normal: int = 24, n_test_abnorm
 
 def make_oct_phantom_dataset(root: str | os.PathLike, n_train: int = 16, n_test_normal: int = 24,
                              n_test_abnormal: int = 24, size: int = 128, seed: int = 0) -> str:
-  """Writes an OCT phantom dataset in the MediCLIP layout under `root` and returns root, as
-  `phantom.make_phantom_dataset`: images/{train/normal, test/normal, test/abnormal, test/ground_true}/*.png
-  and samples/{train,test}.json. An abnormal image's clsname is its grade (mild / severe, what staging
+  """Writes an OCT phantom dataset in the MediCLIP layout under `root` and returns root
+  (`phantom.write_mediclip_layout`). An abnormal image's clsname is its grade (mild / severe, what staging
   reads) and its file name carries the lesion kind: test/abnormal/<kind>_<grade>_<index>.png."""
-  root = Path(root)
   data = oct_phantom_arrays(n_train, n_test_normal, n_test_abnormal, size, seed)
-  for d in ("train/normal", "test/normal", "test/abnormal", "test/ground_true"):
-    (root / "images" / d).mkdir(parents=True, exist_ok=True)
-  (root / "samples").mkdir(parents=True, exist_ok=True)
-  train_lines = []
-  for i, im in enumerate(data["train_images"]):
-    name = f"train/normal/oct_{i:04d}.png"
-    _to_png(im, root / "images" / name)
-    train_lines.append({"filename": name, "label": 0, "label_name": "normal", "clsname": "normal"})
-  test_lines = []
-  for i, (im, m, lab, kind, grade) in enumerate(zip(data["test_images"], data["test_masks"], data["test_labels"],
-                                                    data["test_kinds"], data["test_grades"])):
-    if lab == 0:
-      name = f"test/normal/oct_{i:04d}.png"
-      rec = {"filename": name, "label": 0, "label_name": "normal", "clsname": "normal"}
-    else:
-      name = f"test/abnormal/{kind}_{grade}_{i:04d}.png"
-      mname = f"test/ground_true/{kind}_{grade}_mask_{i:04d}.png"
-      _to_png(m, root / "images" / mname)
-      rec = {"filename": name, "label": 1, "label_name": "abnormal", "clsname": str(grade), "mask": mname}
-    _to_png(im, root / "images" / name)
-    test_lines.append(rec)
-  for split, lines in (("train", train_lines), ("test", test_lines)):
-    text = "".join(json.dumps(r) + "\n" for r in lines)
-    (root / "samples" / f"{split}.json").write_text(text, encoding="utf-8")
-  return str(root)
+  stems = [f"{k}_{g}" for k, g in zip(data["test_kinds"], data["test_grades"])]
+  return write_mediclip_layout(root, "oct", data["train_images"], data["test_images"], data["test_masks"],
+                               data["test_labels"], stems, data["test_grades"])

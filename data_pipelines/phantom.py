@@ -204,35 +204,43 @@ def _to_png(x: np.ndarray, path: Path) -> None:
   Image.fromarray(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8), mode="L").save(path)
 
 
-def make_phantom_dataset(root: str | os.PathLike, n_train: int = 16, n_test_normal: int = 24,
-                         n_test_abnormal: int = 24, size: int = 224, seed: int = 0) -> str:
-  """Writes a phantom dataset in the MediCLIP layout under `root` and returns root:
-  images/{train/normal, test/normal, test/abnormal, test/ground_true}/*.png and
-  samples/{train,test}.json (masks listed for abnormal images)."""
+def write_mediclip_layout(root: str | os.PathLike, prefix: str, train_images, test_images, test_masks, test_labels,
+                          test_stems, test_classes) -> str:
+  """Writes generated images in the MediCLIP layout under `root` and returns root:
+  images/{train/normal, test/normal, test/abnormal, test/ground_true}/*.png and samples/{train,test}.json.
+  Normal images are <split>/normal/<prefix>_<index>.png; abnormal test image i is test/abnormal/<stem>_<i>.png with
+  its mask test/ground_true/<stem>_mask_<i>.png and clsname `test_classes[i]` (listed with the mask)."""
   root = Path(root)
-  data = phantom_arrays(n_train, n_test_normal, n_test_abnormal, size, seed)
   for d in ("train/normal", "test/normal", "test/abnormal", "test/ground_true"):
     (root / "images" / d).mkdir(parents=True, exist_ok=True)
   (root / "samples").mkdir(parents=True, exist_ok=True)
   train_lines = []
-  for i, im in enumerate(data["train_images"]):
-    name = f"train/normal/phantom_{i:04d}.png"
+  for i, im in enumerate(train_images):
+    name = f"train/normal/{prefix}_{i:04d}.png"
     _to_png(im, root / "images" / name)
     train_lines.append({"filename": name, "label": 0, "label_name": "normal", "clsname": "normal"})
   test_lines = []
-  for i, (im, m, lab, kind) in enumerate(zip(data["test_images"], data["test_masks"],
-                                              data["test_labels"], data["test_kinds"])):
+  for i, (im, m, lab, stem, cls) in enumerate(zip(test_images, test_masks, test_labels, test_stems, test_classes)):
     if lab == 0:
-      name = f"test/normal/phantom_{i:04d}.png"
+      name = f"test/normal/{prefix}_{i:04d}.png"
       rec = {"filename": name, "label": 0, "label_name": "normal", "clsname": "normal"}
     else:
-      name = f"test/abnormal/{kind}_{i:04d}.png"
-      mname = f"test/ground_true/{kind}_mask_{i:04d}.png"
+      name = f"test/abnormal/{stem}_{i:04d}.png"
+      mname = f"test/ground_true/{stem}_mask_{i:04d}.png"
       _to_png(m, root / "images" / mname)
-      rec = {"filename": name, "label": 1, "label_name": "abnormal", "clsname": str(kind), "mask": mname}
+      rec = {"filename": name, "label": 1, "label_name": "abnormal", "clsname": str(cls), "mask": mname}
     _to_png(im, root / "images" / name)
     test_lines.append(rec)
   for split, lines in (("train", train_lines), ("test", test_lines)):
     text = "".join(json.dumps(r) + "\n" for r in lines)
     (root / "samples" / f"{split}.json").write_text(text, encoding="utf-8")
   return str(root)
+
+
+def make_phantom_dataset(root: str | os.PathLike, n_train: int = 16, n_test_normal: int = 24,
+                         n_test_abnormal: int = 24, size: int = 224, seed: int = 0) -> str:
+  """Writes a phantom dataset in the MediCLIP layout under `root` and returns root (`write_mediclip_layout`:
+  abnormal images named and classed by their anomaly kind, masks listed)."""
+  data = phantom_arrays(n_train, n_test_normal, n_test_abnormal, size, seed)
+  return write_mediclip_layout(root, "phantom", data["train_images"], data["test_images"], data["test_masks"],
+                               data["test_labels"], data["test_kinds"], data["test_kinds"])
