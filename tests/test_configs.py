@@ -19,7 +19,8 @@ from mediclip_jax.train import loop
 from tests.conftest import REPO
 
 DATASET_CONFIGS = ("chestxray", "brainmri", "busi")
-ALL_CONFIGS = DATASET_CONFIGS + ("ssl_anovae", "bench_tiny", "bench_reference", "bench_latent", "bench_ssl_anovae")
+ALL_CONFIGS = DATASET_CONFIGS + ("ssl_anovae", "mirage", "bench_tiny", "bench_reference", "bench_latent",
+                                  "bench_ssl_anovae", "bench_mirage")
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -178,7 +179,7 @@ def test_none_default_fields_take_command_line_overrides(name, launcher):
   overrides = {**views,"model.clip.checkpoint": "ckpt/vit_l14", "model.clip.act": "gelu", "model.logit_scale": "100.0",
                "model.bpe_path": "vocab.txt.gz", "data.root": "/data/x", "data.support_file": "s.json",
                "vae.path": "/w/taef2", "bench.peak_tflops": "989.0", "model.clip.variant": "ViT-B-16",
-               "data.tfds_dir": "/data/tfds/x/1.0.0"}
+               "data.tfds_dir": "/data/tfds/x/1.0.0", "data.pairs.dataset_root": "/data/busi"}
   missing = sorted(set(nones) - set(overrides))
   assert not missing, f"add a test value for {missing}"
   argv = ["--config", f"configs/{name}.py"] + [f"--config.{p}={overrides[p]}" for p in nones]
@@ -287,6 +288,8 @@ BRANCH_ONLY = {
     "vae.layout": "read when an AutoencoderKL checkpoint file is loaded (tests/test_vae.py)",
     "data.tfds_dir": "read when data.source='tfds' (tests/test_tfds_run.py)",
     "eval.histogram_bits": "read when eval.streaming (tests/test_tfds_run.py)",
+    "data.pairs.dataset_root": "read for the *_captions pair sources (tests/test_captions.py, the MIRAGE sweeps)",
+    "data.pairs.classes": "read for a user pairs file (tests/test_mirage_train.py: test_config_arguments)",
 }
 
 
@@ -309,8 +312,11 @@ def test_every_field_of_every_shipped_config_is_read(tmp_path, monkeypatch, shar
   ssl = load_config("ssl_anovae", "oct_phantom,tiny")  # staging and both segmentations on the OCT phantom
   ssl.train.epochs = 1
   ssl.data.phantom_n_train, ssl.data.phantom_n_test = 16, 4
+  mirage = load_config("mirage", "phantom_reports,tiny,fp_rate=0.2")  # noise metrics; last_blocks reads train_blocks
+  mirage.train.epochs, mirage.train.batch_size, mirage.data.pairs.n = 1, 8, 40
+  mirage.mirage.trainable, mirage.mirage.distill_weight, mirage.mirage.bank_size = "last_blocks", 0.1, 16
   with rec.installed(monkeypatch):
-    for i, c in enumerate((phantom, latent, ssl)):
+    for i, c in enumerate((phantom, latent, ssl, mirage)):
       rec.register(c)
       loop.train_and_evaluate(c, str(tmp_path / f"run{i}"), methods.get(c.method))
     for kind in ("taef2", "autoencoder_kl"):
