@@ -32,10 +32,11 @@ def _tree_digest(path) -> dict[str, str]:
   return out
 
 
-def test_infinite_learning_rate_stops_at_the_first_bad_step_and_writes_no_checkpoint(tmp_path):
+def test_infinite_learning_rate_stops_at_the_first_bad_step_and_writes_no_checkpoint(two_checkpoints, tmp_path):
+  import shutil
   wd = tmp_path / "run"
   method = methods.get("mediclip")
-  loop.train_and_evaluate(_config(epochs=1), str(wd), method)  # 2 steps, a checkpoint each
+  shutil.copytree(two_checkpoints, wd)  # the fixture's run: _config(epochs=1), 2 steps, a checkpoint each
   before = _tree_digest(wd / "checkpoints")
   c = _config(epochs=3)
   c.train.lr = float("inf")
