@@ -186,10 +186,11 @@ for line in sys.stdin:
 """
 
 
-@pytest.fixture(scope="module")
-def launcher_host():
-  """`run(launcher, argv) -> (returncode, stdout, stderr)` of `python launch/<launcher>.py argv` (cwd: the repo)."""
-  host = subprocess.Popen([sys.executable, "-c", _LAUNCHER_HOST], cwd=REPO, stdin=subprocess.PIPE,
+@contextlib.contextmanager
+def launcher_host_process(env: dict[str, str] | None = None):
+  """`run(launcher, argv) -> (returncode, stdout, stderr)` of `python launch/<launcher>.py argv` (cwd: the repo;
+  `env`: the host's and so every child's environment, default this process's)."""
+  host = subprocess.Popen([sys.executable, "-c", _LAUNCHER_HOST], cwd=REPO, env=env, stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
 
   def run(launcher: str, argv: list[str], timeout: int = 120) -> tuple[int, str, str]:
@@ -199,9 +200,17 @@ def launcher_host():
     assert line, f"the launcher host exited with {host.wait()}"
     return tuple(json.loads(line))
 
-  yield run
-  host.stdin.close()
-  host.wait(timeout=60)
+  try:
+    yield run
+  finally:
+    host.stdin.close()
+    host.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def launcher_host():
+  with launcher_host_process() as run:
+    yield run
 
 
 def _cli_config(run, argv: list[str], launcher: str = "train") -> ml_collections.ConfigDict:

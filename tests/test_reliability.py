@@ -190,11 +190,17 @@ def _cli_cases(tmp_path, wd):
 
 
 def test_launchers_refuse_bad_input_in_one_line_and_touch_nothing(two_checkpoints, tmp_path):
+  # The refusals run as forked launchers of one host process (tests/test_configs.py's launcher host: a fresh
+  # launcher module, absl flags, exit code, stdout and stderr per call, without a ~4 s interpreter start each).
+  from tests.conftest import REPO
+  from tests.test_configs import launcher_host_process
   before = _tree_digest(two_checkpoints)
-  for script, args, code, message in _cli_cases(tmp_path, two_checkpoints):
-    proc = _launch(script, *args)
-    assert proc.returncode == code, (script, args, proc.stderr[-2000:])
-    assert message in _one_error_line(proc.stderr), (script, message, proc.stderr[-2000:])
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  with launcher_host_process(env) as run:
+    for script, args, code, message in _cli_cases(tmp_path, two_checkpoints):
+      returncode, _, stderr = run(script.removesuffix(".py"), args, timeout=300)
+      assert returncode == code, (script, args, stderr[-2000:])
+      assert message in _one_error_line(stderr), (script, message, stderr[-2000:])
   assert _tree_digest(two_checkpoints) == before
   assert not (tmp_path / "w").exists() and not (tmp_path / "p").exists()
   # Evaluating with another data root (here a copy) writes only --out: the run's support set stays as it was.
