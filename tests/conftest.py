@@ -50,5 +50,5 @@ def pytest_unconfigure(config):
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores; the fast tier is "
+  config.addinivalue_line("markers", "slow: takes more than ~15 s on 2 CPU cores; the fast tier is "
                           "`python -m pytest -q -m \"not slow\" tests`")
