@@ -16,7 +16,6 @@ the adapted towers as a CLIP checkpoint, `workdir/clip`, which `--config.model.c
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import shutil
