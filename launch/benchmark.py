@@ -265,11 +265,12 @@ def support_dataset(config: ml_collections.ConfigDict, root: str) -> tuple[datas
     config.data.phantom = True
     config.data.phantom_size = min(max(size, 64), 224)  # the phantom's range; the method resizes as for any dataset
     config.data.phantom_n_test = 1
-    return run_data.open_dataset(config.data, root, seed), {
-        "kind": kind, "generated_px": config.data.phantom_size, "image_size": size, "train_images": n_train}
+    dataset = run_data.open_dataset(config.data, root, seed)  # max(k_shot, data.phantom_n_train) training images
+    return dataset, {"kind": kind, "generated_px": config.data.phantom_size, "image_size": size,
+                     "train_images": len(dataset.train)}
   if kind == "random":
-    return _noise_dataset(os.path.join(root, "noise_data"), n_train, size, seed), {
-        "kind": kind, "generated_px": size, "image_size": size, "train_images": n_train}
+    dataset = _noise_dataset(os.path.join(root, "noise_data"), n_train, size, seed)
+    return dataset, {"kind": kind, "generated_px": size, "image_size": size, "train_images": len(dataset.train)}
   raise ValueError(f"bench.support must be 'phantom' or 'random', got {kind!r}")
 
 
