@@ -146,11 +146,6 @@ def make_optimizer(t: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
   return opt
 
 
-def clip_input(images01: jax.Array) -> jax.Array:
-  """(B,H,W) grey in [0, 1] -> (B,H,W,3) CLIP input."""
-  return mediclip.clip_input(images01)
-
-
 def _max_scale(m) -> float | None:
   return float(m.max_logit_scale) or None
 
@@ -173,7 +168,7 @@ def make_train_step(graphdef, optimizer, mesh: Mesh, m: ml_collections.ConfigDic
   weights = (m.weights.pcl, m.weights.rcl, m.weights.otc)
 
   def loss_fn(params, frozen, bank, batch):
-    x = clip_input(batch["image"])
+    x = mediclip.clip_input(batch["image"])
     model = nnx.merge(graphdef, params["clip"], frozen["model"])
     out = model.visual(x, taps if distill else ())
     # The global batch: embeddings gathered over `data` for the B x B logits and the enqueue.
@@ -234,7 +229,8 @@ def make_encoders(graphdef, mesh: Mesh):
 
   @functools.partial(jax.jit, in_shardings=(rep, rep, data), out_shardings=rep)
   def images_fn(params, frozen, x):
-    return mirage_loss.normalize(nnx.merge(graphdef, params, frozen).visual(clip_input(x)).embedding.astype(jnp.float32))
+    out = nnx.merge(graphdef, params, frozen).visual(mediclip.clip_input(x))
+    return mirage_loss.normalize(out.embedding.astype(jnp.float32))
 
   @functools.partial(jax.jit, in_shardings=(rep, rep, data), out_shardings=rep)
   def texts_fn(params, frozen, tokens):
@@ -282,13 +278,13 @@ def _auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
   return float(roc_auc_score(positive, scores))
 
 
-def make_evaluator(graphdef, frozen_model, mesh: Mesh, data: pair_data.PairSplits, tokens: dict, prompt_tokens,
+def make_evaluator(encoders, frozen_model, data: pair_data.PairSplits, tokens: dict, prompt_tokens,
                    m: ml_collections.ConfigDict, batch: int):
   """state -> metrics on the clean test split (zero-shot classification with the class prompt ensembles,
   image<->text retrieval; a retrieved caption counts when its text equals the query's own, so identical
   template captions are not counted as misses), the validation split's mean recall@1 (model selection),
   and how well s separates the injected false positives of the training split (AUROC of -s)."""
-  encode_images, encode_texts = make_encoders(graphdef, mesh)
+  encode_images, encode_texts = encoders
   n_prompts = [len(data.prompts[c]) for c in data.classes]
 
   def split_metrics(params, name: str, prefix: str = "") -> dict:
@@ -393,8 +389,8 @@ def build(config: ml_collections.ConfigDict, dataset, workdir: str, mesh: Mesh, 
   all_params = {"clip": params, "log_scales": log_scales}
   frozen_model = parallel.replicate(frozen_model, mesh)
   params_dev = parallel.replicate(params, mesh)
-  _, encode_texts = make_encoders(graphdef, mesh)
-  bank = fill_bank(encode_texts, params_dev, frozen_model, tokens["train"], int(m.bank_size), seed,
+  encoders = make_encoders(graphdef, mesh)  # one compilation each, for the pre-fill and every evaluation
+  bank = fill_bank(encoders[1], params_dev, frozen_model, tokens["train"], int(m.bank_size), seed,
                    int(config.eval.batch_size))
   state = parallel.replicate({"step": jnp.zeros((), jnp.int32), "params": all_params,
                               "opt_state": optimizer.init(all_params), "bank": bank,
@@ -440,7 +436,7 @@ def build(config: ml_collections.ConfigDict, dataset, workdir: str, mesh: Mesh, 
                             "clip_std": list(CLIP_STD), "resize": "PIL bilinear"},
           "backbone": {"architecture": arch.to_dict(),
                        "weights": config.model.clip.checkpoint or "random init (no checkpoint given)"}}
-  evaluate = make_evaluator(graphdef, frozen_model, mesh, data, tokens, prompt_tokens, m, int(config.eval.batch_size))
+  evaluate = make_evaluator(encoders, frozen_model, data, tokens, prompt_tokens, m, int(config.eval.batch_size))
   return Trainable(state=state, train_step=train_step, local_batch=local_batch, steps_per_epoch=spe, scorer=None,
                    calibration_images=None, threshold=None, info=info, evaluate=evaluate,
                    select_key="val_mean_recall@1", finish=make_finish(graphdef, frozen_model, config, data))
