@@ -79,6 +79,7 @@ from PIL import Image
 
 from data_pipelines import datasets, run_data
 from mediclip_jax import config_defaults, config_utils, methods, parallel
+from mediclip_jax.methods.base import reads_anomaly_dataset
 from mediclip_jax.train import loop, writers
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config (configs/bench_*.py[:arg]).",
@@ -303,7 +304,7 @@ class Workload:
       config.train.batch_size = self.batch
     self.method.validate(config)
     dataset = None
-    if getattr(self.method, "ANOMALY_DATASET", True):
+    if reads_anomaly_dataset(self.method):
       dataset, self.support = support_dataset(config, build_dir)
     self.config = config
     self.trainable = self.method.build(config, dataset, build_dir, self.mesh, train=True)

@@ -97,7 +97,7 @@ def run_config(method: str = "mediclip") -> ml_collections.ConfigDict:
   c = loop_config()
   c.method = method
   module = methods.get(method)
-  if getattr(module, "ANOMALY_DATASET", True):
+  if methods.base.reads_anomaly_dataset(module):
     _merge(c, anomaly_config())
   _merge(c, module.default_config())
   return c

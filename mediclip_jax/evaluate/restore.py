@@ -9,7 +9,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import datasets
 from mediclip_jax import checkpoints, methods
-from mediclip_jax.methods.base import Trainable
+from mediclip_jax.methods.base import Trainable, reads_anomaly_dataset
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ def stored_config(workdir: str, step: int | None = None) -> tuple[ml_collections
   finally:
     ckpt.close()
   config = ml_collections.ConfigDict(meta["config"])
-  if not getattr(methods.get(config.method), "ANOMALY_DATASET", True):
+  if not reads_anomaly_dataset(methods.get(config.method)):
     raise ValueError(f"{workdir}: a {config.method} run adapts image-text towers and scores no images: its "
                      f"evaluation is in {os.path.join(workdir, 'results.json')}, its product the CLIP checkpoint "
                      f"{os.path.join(workdir, 'clip')} (train a detector on it: --config.model.clip.checkpoint=)")

@@ -73,6 +73,12 @@ class Trainable:
   finish: Callable[[Any, str], dict] | None = None
 
 
+def reads_anomaly_dataset(method) -> bool:
+  """Whether a method module trains and evaluates on an anomaly dataset (the default; MIRAGE sets
+  `ANOMALY_DATASET = False`: it reads image-text pairs and evaluates itself)."""
+  return getattr(method, "ANOMALY_DATASET", True)
+
+
 def quantile_threshold(q: float) -> Callable[[np.ndarray], float]:
   """The default calibration: the q-quantile of the normal calibration images' scores."""
   if not 0.0 <= q <= 1.0:

@@ -24,6 +24,7 @@ import numpy as np
 from data_pipelines import run_data
 from mediclip_jax import checkpoints, parallel
 from mediclip_jax.evaluate import analysis, figures, scoring
+from mediclip_jax.methods.base import reads_anomaly_dataset
 from mediclip_jax.train import workdir as workdir_lib
 from mediclip_jax.train import writers
 
@@ -189,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, method: 
 
 
 def _train_and_evaluate(config, workdir, method, dump_params, interrupt) -> dict:
-  validate(config, anomaly=getattr(method, "ANOMALY_DATASET", True))
+  validate(config, anomaly=reads_anomaly_dataset(method))
   method.validate(config)
   mesh = parallel.make_mesh()
   parallel.check_global_batch(config.train.batch_size, mesh)
@@ -213,7 +214,7 @@ def _run(config, workdir, method, dump_params, interrupt, mesh, main) -> dict:
   if resuming:  # before the method builds (and writes its support set) or anything else is written
     check_resumable(config, *ckpt.newest_metadata(), workdir)
   dataset = test = None
-  if getattr(method, "ANOMALY_DATASET", True):
+  if reads_anomaly_dataset(method):
     dataset = run_data.open_dataset(config.data, workdir, config.seed)
     test = run_data.test_set(dataset, config.data, streaming=config.eval.streaming)
   trainable = method.build(config, dataset, workdir, mesh, train=True)
