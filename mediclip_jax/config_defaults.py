@@ -300,3 +300,72 @@ def mirage_config(arg: str | None) -> ml_collections.ConfigDict:
     c.train.log_every_steps = 10
     c.train.checkpoint_every_steps = 50
   return c
+
+
+DIFFUSION_DATASETS = {"phantom": None, "oct_phantom": None, "busi": "../shared/data/busi",
+                      "brainmri": "../shared/data/brainmri"}
+
+
+def latent_diffusion_config(arg: str | None) -> ml_collections.ConfigDict:
+  """A latent diffusion baseline run config from its `get_config(arg)` argument.
+
+  arg keys: dataset=phantom|oct_phantom|busi|brainmri (or path=<dataset folder>), shot=<k> (-1 = every normal
+  training image), tiny (64 px, a 4-block DiT: a CPU run of minutes), t_star=<t>[;<t>...] (noising depths of
+  T = 1000, averaged), steps=<DDIM steps>, draws=<noise draws per t*>, noise=gaussian|perlin,
+  residual=pixel|latent|both, prediction=eps|v, vae_path=<TAEF2 folder>.
+  """
+  a = parse_arg(arg, dataset="phantom", path=None, shot=-1, tiny=False, t_star="", steps=10, draws=1,
+                noise="gaussian", residual="pixel", prediction="eps", vae_path="../shared/weights/taef2")
+  c = run_config("latent_diffusion")
+  if a.path is None and a.dataset not in DIFFUSION_DATASETS:
+    raise ValueError(f"config argument dataset={a.dataset!r} is not one of {sorted(DIFFUSION_DATASETS)} "
+                     f"(or give path=)")
+  phantom = a.path is None and a.dataset in ("phantom", "oct_phantom")
+  c.data.root = a.path or DIFFUSION_DATASETS[a.dataset]
+  c.data.phantom = phantom
+  c.data.phantom_kind = "oct" if a.dataset == "oct_phantom" else "chest"
+  c.data.color = "grey"
+  c.data.k_shot = a.shot
+  c.vae.kind = vae_lib.KIND_TAEF2
+  c.vae.path = a.vae_path
+  c.diffusion.noise = a.noise
+  c.diffusion.prediction = a.prediction
+  c.augment.preset = "oct" if a.dataset == "oct_phantom" else "grey"
+  c.score.reverse_steps = a.steps
+  c.score.draws = a.draws
+  c.score.residual = a.residual
+  if a.t_star:
+    try:
+      c.score.t_stars = tuple(int(t) for t in a.t_star.split(";"))
+    except ValueError as e:
+      raise ValueError(f"config argument t_star={a.t_star!r}: expected integers separated by ';'") from e
+  size = 256
+  c.train.batch_size = 32
+  c.train.epochs = 500
+  c.eval.every_epochs = 100
+  if phantom:
+    c.data.phantom_n_train = 1000
+    c.data.phantom_n_test = 100
+  if a.tiny:
+    size = 64
+    c.model.patch_size = 1
+    c.model.width = 128
+    c.model.depth = 4
+    c.model.heads = 4
+    c.train.batch_size = 16        # the frozen TAEF2 encoder is most of a step's work on CPU
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 50
+    c.train.ema_decay = 0.99
+    c.score.residual_sigma = 1.0
+    c.train.log_every_steps = 10
+    c.train.checkpoint_every_steps = 100
+    if phantom:   # 400 steps: 16 per epoch on 256 generated normals
+      c.data.phantom_n_train = 256
+      c.data.phantom_n_test = 40
+      c.train.epochs = 25
+      c.eval.every_epochs = 5
+    else:         # 400 steps: 2 per epoch on the 32 normal training images of BUSI / BrainMRI
+      c.train.epochs = 200
+      c.eval.every_epochs = 100
+  c.data.image_size = c.data.phantom_size = size
+  return c

@@ -5,9 +5,11 @@ import types
 
 from collections.abc import Callable
 
-from mediclip_jax.methods import mediclip, mediclip_bench, mirage, mirage_bench, ssl_anovae, ssl_anovae_bench
+from mediclip_jax.methods import (latent_diffusion, mediclip, mediclip_bench, mirage, mirage_bench, ssl_anovae,
+                                  ssl_anovae_bench)
 
-METHODS: dict[str, types.ModuleType] = {mediclip.NAME: mediclip, ssl_anovae.NAME: ssl_anovae, mirage.NAME: mirage}
+METHODS: dict[str, types.ModuleType] = {mediclip.NAME: mediclip, ssl_anovae.NAME: ssl_anovae, mirage.NAME: mirage,
+                                        latent_diffusion.NAME: latent_diffusion}
 # Optional benchmark hooks, (config, mesh, trainable) -> BenchParts: the fed step, host/synthetic feeds and
 # stage programs of `launch/benchmark.py`. A method without one is benchmarked in the fused mode only.
 BENCH_PARTS: dict[str, Callable] = {mediclip.NAME: mediclip_bench.bench_parts,

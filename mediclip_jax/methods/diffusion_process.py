@@ -91,3 +91,50 @@ def ddim_reverse(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], s: Schedul
 
   x, _ = jax.lax.scan(body, x_t, pairs)
   return x
+
+
+NOISES = ("gaussian", "perlin")
+
+
+def perlin_noise(key: jax.Array, shape: tuple[int, int, int, int], base_res: int, octaves: int,
+                 persistence: float = 0.5) -> jax.Array:
+  """(B, H, W, C) fractal Perlin noise (AnoDDPM's structured noise, gradient-noise form): octave o has a
+  lattice of base_res·2^o cells over the field, random unit gradients at its corners and quintic fade
+  interpolation, weighted persistence^o; each (sample, channel) field is standardised to zero mean and unit
+  variance, so it can stand in for ε of the Gaussian process. Needs base_res·2^(octaves-1) <= min(H, W)."""
+  b, h, w, c = shape
+  if base_res < 1 or octaves < 1 or base_res * 2 ** (octaves - 1) > min(h, w):
+    raise ValueError(f"perlin noise: base_res {base_res} x 2^(octaves {octaves} - 1) must lie in [1, {min(h, w)}] "
+                     f"(the latent side)")
+  fade = lambda t: t * t * t * (t * (t * 6 - 15) + 10)
+  total = jnp.zeros((b, c, h, w), jnp.float32)
+  for o in range(octaves):
+    res = base_res * 2 ** o
+    angles = 2 * jnp.pi * jax.random.uniform(jax.random.fold_in(key, o), (b, c, res + 1, res + 1))
+    gy, gx = jnp.sin(angles), jnp.cos(angles)
+    y = (jnp.arange(h, dtype=jnp.float32) + 0.5) * res / h
+    x = (jnp.arange(w, dtype=jnp.float32) + 0.5) * res / w
+    iy, ix = jnp.floor(y).astype(jnp.int32), jnp.floor(x).astype(jnp.int32)
+    fy, fx = (y - iy)[:, None], (x - ix)[None, :]
+
+    def corner(dy, dx):
+      g_y, g_x = gy[:, :, iy + dy][:, :, :, ix + dx], gx[:, :, iy + dy][:, :, :, ix + dx]
+      return g_y * (fy - dy) + g_x * (fx - dx)
+
+    u, v = fade(fy), fade(fx)
+    top = corner(0, 0) * (1 - v) + corner(0, 1) * v
+    bottom = corner(1, 0) * (1 - v) + corner(1, 1) * v
+    total = total + persistence ** o * (top * (1 - u) + bottom * u)
+  total = total - jnp.mean(total, axis=(2, 3), keepdims=True)
+  total = total / jnp.maximum(jnp.std(total, axis=(2, 3), keepdims=True), 1e-6)
+  return total.transpose(0, 2, 3, 1)
+
+
+def sample_noise(key: jax.Array, shape: tuple[int, ...], kind: str, base_res: int = 2, octaves: int = 3,
+                 persistence: float = 0.5) -> jax.Array:
+  """ε of `shape` (B, H, W, C): standard Gaussian, or standardised fractal Perlin noise (`perlin_noise`)."""
+  if kind == "gaussian":
+    return jax.random.normal(key, shape, jnp.float32)
+  if kind == "perlin":
+    return perlin_noise(key, shape, base_res, octaves, persistence)
+  raise ValueError(f"diffusion noise must be one of {NOISES}, got {kind!r}")

@@ -120,9 +120,9 @@ def default_config(preset: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   return c
 
 
-def _check_preset(preset, field: str) -> None:
+def _check_preset(preset, field: str, section: str = SECTION) -> None:
   if preset not in PRESET_VALUES:
-    raise ValueError(f"{SECTION}.{field} must be one of {PRESETS}, got {preset!r}")
+    raise ValueError(f"{section}.{field} must be one of {PRESETS}, got {preset!r}")
 
 
 def preset_values(preset: str) -> dict:
@@ -143,52 +143,53 @@ def apply_preset(cfg: ml_collections.ConfigDict, preset: str) -> ml_collections.
   return cfg
 
 
-def _number(name: str, value) -> float:
+def _number(name: str, value, section: str = SECTION) -> float:
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-    raise ValueError(f"{SECTION}.{name} must be a finite number, got {value!r}")
+    raise ValueError(f"{section}.{name} must be a finite number, got {value!r}")
   return float(value)
 
 
-def _range(name: str, value) -> tuple[float, float]:
+def _range(name: str, value, section: str = SECTION) -> tuple[float, float]:
   if not isinstance(value, (tuple, list)) or len(value) != 2:
-    raise ValueError(f"{SECTION}.{name} must be a (min, max) pair, got {value!r}")
-  return _number(name, value[0]), _number(name, value[1])
+    raise ValueError(f"{section}.{name} must be a (min, max) pair, got {value!r}")
+  return _number(name, value[0], section), _number(name, value[1], section)
 
 
-def resolve(cfg: ml_collections.ConfigDict) -> Params:
-  """The effective parameters: the preset's values, overridden by every field that is not None; validated."""
-  _check_preset(cfg.get("preset"), "preset")
+def resolve(cfg: ml_collections.ConfigDict, section: str = SECTION) -> Params:
+  """The effective parameters: the preset's values, overridden by every field that is not None; validated.
+  Errors name `<section>.<field>` (the config section the views are read from)."""
+  _check_preset(cfg.get("preset"), "preset", section)
   values = preset_values(cfg.preset)
   for name in FIELDS:
     if cfg.get(name) is not None:
       values[name] = cfg[name]
-  p = Params(**{n: _range(n, v) if n in RANGE_FIELDS else _number(n, v) for n, v in values.items()})
+  p = Params(**{n: _range(n, v, section) if n in RANGE_FIELDS else _number(n, v, section) for n, v in values.items()})
   for name in PROB_FIELDS:
     if not 0.0 <= getattr(p, name) <= 1.0:
-      raise ValueError(f"{SECTION}.{name} is a probability and must be in [0, 1], got {getattr(p, name)}")
+      raise ValueError(f"{section}.{name} is a probability and must be in [0, 1], got {getattr(p, name)}")
   if not 0.0 <= p.rotate_deg <= 180.0:
-    raise ValueError(f"{SECTION}.rotate_deg (max |angle| in degrees) must be in [0, 180], got {p.rotate_deg}")
+    raise ValueError(f"{section}.rotate_deg (max |angle| in degrees) must be in [0, 180], got {p.rotate_deg}")
   lo, hi = p.crop_scale
   if not 0.0 < lo <= hi <= 1.0:
-    raise ValueError(f"{SECTION}.crop_scale (area fractions) must satisfy 0 < min <= max <= 1, got {p.crop_scale}")
+    raise ValueError(f"{section}.crop_scale (area fractions) must satisfy 0 < min <= max <= 1, got {p.crop_scale}")
   lo, hi = p.crop_ratio
   if not 0.0 < lo <= hi:
-    raise ValueError(f"{SECTION}.crop_ratio (aspect ratios) must satisfy 0 < min <= max, got {p.crop_ratio}")
+    raise ValueError(f"{section}.crop_ratio (aspect ratios) must satisfy 0 < min <= max, got {p.crop_ratio}")
   for name in ("brightness", "contrast"):
     if not 0.0 <= getattr(p, name) < 1.0:
-      raise ValueError(f"{SECTION}.{name} (max relative change) must be in [0, 1), got {getattr(p, name)}")
+      raise ValueError(f"{section}.{name} (max relative change) must be in [0, 1), got {getattr(p, name)}")
   for name in ("gamma", "blur_sigma", "noise_std", "speckle_std"):
     if getattr(p, name) < 0.0:
-      raise ValueError(f"{SECTION}.{name} must be >= 0, got {getattr(p, name)}")
+      raise ValueError(f"{section}.{name} must be >= 0, got {getattr(p, name)}")
   for name in ("edge_strength", "cutout_size"):
     if not 0.0 <= getattr(p, name) <= 1.0:
-      raise ValueError(f"{SECTION}.{name} must be in [0, 1], got {getattr(p, name)}")
+      raise ValueError(f"{section}.{name} must be in [0, 1], got {getattr(p, name)}")
   return p
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming `config.ssl.views.<field>` when a value is out of range."""
-  resolve(cfg)
+def validate_config(cfg: ml_collections.ConfigDict, section: str = SECTION) -> None:
+  """Raises ValueError naming `<section>.<field>` (default `config.ssl.views`) when a value is out of range."""
+  resolve(cfg, section)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,9 +301,10 @@ def sobel_magnitude(x: jax.Array) -> jax.Array:
   return mag / jnp.maximum(jnp.max(mag), 1e-6)
 
 
-def make_view(cfg: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """view(key, image (H, W, C) in [0, 1]) -> one random view (H, W, C) float32 in [0, 1]; deterministic per key."""
-  p = resolve(cfg)
+def make_view(cfg: ml_collections.ConfigDict, section: str = SECTION) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """view(key, image (H, W, C) in [0, 1]) -> one random view (H, W, C) float32 in [0, 1]; deterministic per key.
+  (Also the training augmentation of the latent diffusion baseline, read from `section`.)"""
+  p = resolve(cfg, section)
   geometric = p.hflip_p > 0 or p.vflip_p > 0 or p.rotate_deg > 0 or p.crop_scale != (1.0, 1.0) \
       or p.crop_ratio != (1.0, 1.0)
   radius = blur_radius(p.blur_sigma)
@@ -318,7 +320,7 @@ def make_view(cfg: ml_collections.ConfigDict) -> Callable[[jax.Array, jax.Array]
     x = _photometric(d, x, p)
     if p.blur_p > 0 and radius > 0:
       if radius >= min(h, w):
-        raise ValueError(f"{SECTION}.blur_sigma = {p.blur_sigma} needs a kernel radius {radius} smaller than the "
+        raise ValueError(f"{section}.blur_sigma = {p.blur_sigma} needs a kernel radius {radius} smaller than the "
                          f"image side {min(h, w)}")
       blurred = gaussian_blur(x, d.uniform("blur_sigma", 0.0, p.blur_sigma), radius)
       x = jnp.where(d.coin("blur_on", p.blur_p), blurred, x)
