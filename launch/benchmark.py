@@ -7,6 +7,8 @@
   python launch/benchmark.py --config configs/bench_ssl_anovae.py --out bench_ssl_anovae.json  # 256 px, B=32/device
   python launch/benchmark.py --config configs/bench_mirage.py:tiny --out bench_mirage_tiny.json  # CPU
   python launch/benchmark.py --config configs/bench_mirage.py --out bench_mirage.json  # ViT-B/16, B=256, bank 65,536
+  python launch/benchmark.py --config configs/bench_latent_diffusion.py:tiny --out bench_ldm_tiny.json  # CPU
+  python launch/benchmark.py --config configs/bench_latent_diffusion.py --out bench_ldm.json  # DiT-B/2, 256 px, B=256
   python launch/benchmark.py --suite --out suite.json                         # one GPU, under 8 minutes
   python launch/benchmark.py --suite --suite_scale tiny --out suite_cpu.json  # the same suite at CPU sizes
 
@@ -30,9 +32,11 @@ also gives the stage breakdown (each part jitted alone: synthesis, VAE encode/de
 forward; off with `--config.bench.stages=false`) and the analytic FLOPs behind MFU. A method without
 the hook runs `fused` only, with MFU null. A hook may give FLOPs only (SSL-AnoVAE's,
 mediclip_jax/methods/ssl_anovae_bench.py: no feeds, the fed modes `unavailable` with the reason, and
-`stages` None: no stage breakdown; MIRAGE's, mediclip_jax/methods/mirage_bench.py, likewise). A mode that
-cannot run here (host mode without OpenCV and scipy, the `bench` extra, or with latent tasks) is skipped with
-its reason in `skipped`.
+`stages` None: no stage breakdown; MIRAGE's, mediclip_jax/methods/mirage_bench.py, likewise). The latent
+diffusion baseline's (mediclip_jax/methods/latent_diffusion_bench.py) has no feeds either, but stages: the VAE
+encode, the DiT forward + backward, and its scoring loop at each `bench.score_steps` number of DDIM steps. A
+mode that cannot run here (host mode without OpenCV and scipy, the `bench` extra, or with latent tasks) is skipped
+with its reason in `skipped`.
 
 Each mode AOT-compiles its step (trace, lower and compile timed separately; arrays the step closes
 over become arguments of the compiled program, not constants), runs `bench.warmup_steps` untimed
@@ -46,7 +50,8 @@ The suite runs, in one process: the time to result of a full configs/brainmri.py
 and the final evaluation, random-init backbone, evaluation only at the end), the reference-size
 step (configs/bench_reference.py: fused vs host vs synthetic), the latent step
 (configs/bench_latent.py) and each registered method's step (its own benchmark config where the plan
-names one: configs/bench_ssl_anovae.py for SSL-AnoVAE, configs/bench_mirage.py for MIRAGE); `--suite_scale
+names one: configs/bench_ssl_anovae.py for SSL-AnoVAE, configs/bench_mirage.py for MIRAGE,
+configs/bench_latent_diffusion.py for the latent diffusion baseline); `--suite_scale
 tiny` runs it with CPU stand-in sizes.
 """
 from __future__ import annotations
@@ -184,6 +189,12 @@ def cost_flops(compiled) -> float | None:
   if not cost or "flops" not in cost:
     return None
   return float(cost["flops"])
+
+
+def xla_over_model_flops(xla_flops: float | None, model_flops: float | None, n_dev: int) -> float | None:
+  """XLA's count of a program (per device) times the device count over the analytic model FLOPs; None without
+  either. At or a little above 1 (XLA also counts elementwise work); far from 1, the count or the program is off."""
+  return xla_flops * n_dev / model_flops if xla_flops and model_flops else None
 
 
 def _memory_analysis(compiled) -> dict | None:
@@ -392,6 +403,7 @@ def _time_mode(w: Workload, mode: str, step_fn: Callable | None, next_batch: Cal
       "images_per_s_per_device": w.batch / st["median"] / w.n_dev,
       "images_per_s_mean": w.batch * len(times) / sum(times),
       "model_flops_per_step": total, "xla_flops": cost_flops(program.compiled),
+      "xla_over_model_flops": xla_over_model_flops(cost_flops(program.compiled), total, w.n_dev),
       "model_tflops_per_s_per_device": per_dev / 1e12 if per_dev else None,
       "mfu": per_dev / peak if (peak and per_dev) else None,
       "peak_memory_bytes": mem, "peak_memory_note": mem_note, "memory_analysis": _memory_analysis(program.compiled),
@@ -461,13 +473,16 @@ def run_stages(w: Workload, modes_res: dict, peak: float | None, errors: dict,
       errors[f"stages.{st.name}"] = _error(e)
       continue
     per_dev = st.model_flops / times["median"] / w.n_dev if st.model_flops else None
+    xla = cost_flops(program.compiled)
     out[st.name] = {**program.times, "step_time_s": times, "images_per_s": w.batch / times["median"],
-                    "model_flops": st.model_flops, "xla_flops": cost_flops(program.compiled),
+                    "model_flops": st.model_flops, "xla_flops": xla,
+                    "xla_over_model_flops": xla_over_model_flops(xla, st.model_flops, w.n_dev),
                     "mfu": per_dev / peak if (peak and per_dev) else None, "note": st.note}
   f = modes_res.get("fused")
   out["full_step"] = None if f is None else {
       "step_time_s": f["step_time_s"], "images_per_s": f["images_per_s"], "model_flops": f["model_flops_per_step"],
-      "xla_flops": f["xla_flops"], "mfu": f["mfu"], "note": "the fused mode's timings"}
+      "xla_flops": f["xla_flops"], "xla_over_model_flops": f["xla_over_model_flops"], "mfu": f["mfu"],
+      "note": "the fused mode's timings"}
   return out
 
 
@@ -615,7 +630,8 @@ SUITE_PLANS = {
         "latent": ("bench_latent.py", None, {"bench.steps": 10, "bench.warmup_steps": 2, "bench.modes": "fused"},
                    _LATENT_SKIPS),
         "method_step": {"bench.steps": 20, "bench.warmup_steps": 2, "bench.modes": "fused", "bench.stages": False},
-        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", None), "mirage": ("bench_mirage.py", None)},
+        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", None), "mirage": ("bench_mirage.py", None),
+                           "latent_diffusion": ("bench_latent_diffusion.py", None)},
     },
     "tiny": {
         "brainmri": ("brainmri.py", "tiny", {"train.epochs": 2}, {}),
@@ -624,7 +640,8 @@ SUITE_PLANS = {
         "latent": ("bench_tiny.py", "latent", {"bench.steps": 2, "bench.warmup_steps": 1, "bench.modes": "fused"},
                    _LATENT_SKIPS),
         "method_step": {"bench.steps": 2, "bench.warmup_steps": 1, "bench.modes": "fused", "bench.stages": False},
-        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", "tiny"), "mirage": ("bench_mirage.py", "tiny")},
+        "method_configs": {"ssl_anovae": ("bench_ssl_anovae.py", "tiny"), "mirage": ("bench_mirage.py", "tiny"),
+                           "latent_diffusion": ("bench_latent_diffusion.py", "tiny")},
     },
 }
 COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",

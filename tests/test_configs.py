@@ -21,7 +21,7 @@ from tests.conftest import REPO
 
 DATASET_CONFIGS = ("chestxray", "brainmri", "busi")
 ALL_CONFIGS = DATASET_CONFIGS + ("ssl_anovae", "mirage", "bench_tiny", "bench_reference", "bench_latent",
-                                  "bench_ssl_anovae", "bench_mirage")
+                                  "bench_ssl_anovae", "bench_mirage", "bench_latent_diffusion")
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -244,6 +244,7 @@ def test_none_default_fields_take_command_line_overrides(launcher_host, name, la
   views = {f"ssl.views.{k}": ("(0.5, 1.0)" if k.startswith("crop_") else "0.25") for k in (
       "blur_p", "blur_sigma", "brightness", "contrast", "crop_ratio", "crop_scale", "cutout_p", "cutout_size", "edge_p",
       "edge_strength", "gamma", "hflip_p", "noise_std", "rotate_deg", "speckle_std", "vflip_p")}
+  views.update({f"augment.{k[len('ssl.views.'):]}": v for k, v in views.items()})  # the same fields, for diffusion
   overrides = {**views,"model.clip.checkpoint": "ckpt/vit_l14", "model.clip.act": "gelu", "model.logit_scale": "100.0",
                "model.bpe_path": "vocab.txt.gz", "data.root": "/data/x", "data.support_file": "s.json",
                "vae.path": "/w/taef2", "bench.peak_tflops": "989.0", "model.clip.variant": "ViT-B-16",
