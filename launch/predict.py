@@ -18,7 +18,9 @@ the archive; progress goes to the console with the rate and an ETA. Only the --p
 images keep their maps, and get a panel <out>/<stem>_panel.png (figures.anomaly_panel: image | ground
 truth | normalised map on the fixed 0-1 scale | map > 0.5 | overlay, at the file's own resolution; inputs
 sharing a stem, a.png and a.jpg, keep their suffix: a_png_panel.png); <out>/predictions.json lists
-those images' rows with their panel, in input order, and the counts. With --shard i/n, this process
+those images' rows with their panel, in input order, and the counts. A reconstruction method's run (SSL-AnoVAE,
+latent diffusion) also draws <out>/<stem>_reconstruction.png for them: image | pseudo-healthy reconstruction |
+residual |x - x_hat|. With --shard i/n, this process
 takes the i-th of n contiguous parts of the (sorted) input and writes predictions-<i>-of-<n>.* and its
 panels under panels-<i>-of-<n>/: n processes, on one machine or many, split an archive with no
 coordination. An unreadable image stops the run naming the file, unless --skip_unreadable, which writes
@@ -257,6 +259,8 @@ class Model:
   batch_size: int
   normalization: Normalization
   score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # images -> raw (maps, scores)
+  # reconstruction methods: images -> pseudo-healthy images (n,H,W), drawn beside the panels; else None
+  reconstruct: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def jax_model(workdir: str) -> Model:
@@ -273,9 +277,18 @@ def jax_model(workdir: str) -> Model:
     raise ValueError(f"{workdir}: checkpoint step {run.step} has no decision threshold (it was written on SIGTERM, "
                      "before calibration, or by an older version): rerun launch/train.py on it to finish the run")
   scorer = run.trainable.scorer(run.state)
+  reconstruct = None
+  if run.trainable.reconstructor:
+    recon = run.trainable.reconstructor(run.state)
+
+    def as_pair(x):  # score_share pads and gathers (maps, scores); the reconstruction rides in the maps' place
+      r = recon(x)
+      return r, r[:, 0, 0]
+
+    reconstruct = lambda images: scoring.score_share(as_pair, images, int(cfg.eval.batch_size), mesh)[0]
   return Model(int(cfg.data.image_size), cfg.data.color, int(cfg.eval.batch_size),
                Normalization.from_dict(run.metadata["normalization"], f"{workdir} step {run.step}"),
-               lambda images: scoring.score_share(scorer, images, int(cfg.eval.batch_size), mesh))
+               lambda images: scoring.score_share(scorer, images, int(cfg.eval.batch_size), mesh), reconstruct)
 
 
 def onnx_model(path: str) -> Model:
@@ -388,6 +401,7 @@ def main(argv) -> int:
   chosen = top.items()
   stems = _out_names([os.path.basename(inputs.names[i]) for i, _, _ in chosen])  # record names may hold folders
   panels = []
+  recons = model.reconstruct(np.stack([inputs.read(i) for i, _, _ in chosen])) if model.reconstruct and chosen else None
   with writers.count_bar(len(chosen), "panels") as bar:
     for (i, raw, m), stem in zip(chosen, stems):
       png = os.path.join(panel_dir, f"{stem}_panel.png")
@@ -396,6 +410,10 @@ def main(argv) -> int:
                           mask=mask, name=inputs.names[i], original=inputs.original(i))
       panels.append({"name": inputs.names[i], "file": inputs.files[i], "score": s, "raw_score": raw,
                      "threshold": norm.threshold, "abnormal": bool(raw > norm.threshold), "panel": png})
+      if recons is not None:
+        panels[-1]["reconstruction"] = os.path.join(panel_dir, f"{stem}_reconstruction.png")
+        figures.write_reconstruction(panels[-1]["reconstruction"], inputs.read(i), recons[len(panels) - 1],
+                                     name=inputs.names[i])
       bar.update(1)
   summary = {"normalization": norm.to_dict(), "n_images": len(inputs.names), "n_abnormal": int(n_abnormal),
              "n_unreadable": len(errors), "rows": rows.path,

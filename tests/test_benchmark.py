@@ -445,8 +445,9 @@ def test_suite_at_tiny_scale(tmp_path, shared_dir):
   assert s["schema"] == "mediclip_jax.benchmark_suite/1" and s["scale"] == "tiny" and s["errors"] == {}
   assert s["compilation_cache"] == os.environ.get("JAX_COMPILATION_CACHE_DIR")
   e = s["entries"]
-  assert set(e) == {"brainmri", "reference", "latent", "method_mediclip", "method_ssl_anovae", "method_mirage"}
-  for name in ("method_ssl_anovae", "method_mirage"):
+  assert set(e) == {"brainmri", "reference", "latent", "method_mediclip", "method_ssl_anovae", "method_mirage",
+                    "method_latent_diffusion"}
+  for name in ("method_ssl_anovae", "method_mirage", "method_latent_diffusion"):
     assert set(e[name]["modes"]) == {"fused"}
     assert e[name]["analytic_flops"]["fused_step"]["total"] > 0
   assert e["method_mirage"]["bank"]["bytes"] == e["method_mirage"]["bank"]["size"] * e["method_mirage"]["bank"]["dim"] * 4

@@ -20,7 +20,7 @@ from mediclip_jax.train import loop
 from tests.conftest import REPO
 
 DATASET_CONFIGS = ("chestxray", "brainmri", "busi")
-ALL_CONFIGS = DATASET_CONFIGS + ("ssl_anovae", "mirage", "bench_tiny", "bench_reference", "bench_latent",
+ALL_CONFIGS = DATASET_CONFIGS + ("ssl_anovae", "mirage", "latent_diffusion", "bench_tiny", "bench_reference", "bench_latent",
                                   "bench_ssl_anovae", "bench_mirage", "bench_latent_diffusion")
 
 
@@ -245,7 +245,7 @@ def test_none_default_fields_take_command_line_overrides(launcher_host, name, la
       "blur_p", "blur_sigma", "brightness", "contrast", "crop_ratio", "crop_scale", "cutout_p", "cutout_size", "edge_p",
       "edge_strength", "gamma", "hflip_p", "noise_std", "rotate_deg", "speckle_std", "vflip_p")}
   views.update({f"augment.{k[len('ssl.views.'):]}": v for k, v in views.items()})  # the same fields, for diffusion
-  overrides = {**views,"model.clip.checkpoint": "ckpt/vit_l14", "model.clip.act": "gelu", "model.logit_scale": "100.0",
+  overrides = {**views, "model.clip.checkpoint": "ckpt/vit_l14", "model.clip.act": "gelu", "model.logit_scale": "100.0",
                "model.bpe_path": "vocab.txt.gz", "data.root": "/data/x", "data.support_file": "s.json",
                "vae.path": "/w/taef2", "bench.peak_tflops": "989.0", "model.clip.variant": "ViT-B-16",
                "data.tfds_dir": "/data/tfds/x/1.0.0", "data.pairs.dataset_root": "/data/busi"}
@@ -384,8 +384,13 @@ def test_every_field_of_every_shipped_config_is_read(tmp_path, monkeypatch, shar
   mirage = load_config("mirage", "phantom_reports,tiny,fp_rate=0.2")  # noise metrics; last_blocks reads train_blocks
   mirage.train.epochs, mirage.train.batch_size, mirage.data.pairs.n = 1, 8, 40
   mirage.mirage.trainable, mirage.mirage.distill_weight, mirage.mirage.bank_size = "last_blocks", 0.1, 16
+  diffusion = load_config("latent_diffusion", f"phantom,tiny,noise=perlin,residual=both,"  # perlin: its lattice
+                          f"vae_path={shared_dir / 'weights' / 'taef2'}")
+  diffusion.train.epochs, diffusion.train.batch_size = 1, 8
+  diffusion.data.phantom_n_train, diffusion.data.phantom_n_test, diffusion.data.image_size = 8, 4, 32
+  diffusion.diffusion.perlin_octaves, diffusion.score.reverse_steps = 2, 2
   with rec.installed(monkeypatch):
-    for i, c in enumerate((phantom, latent, ssl, mirage)):
+    for i, c in enumerate((phantom, latent, ssl, mirage, diffusion)):
       rec.register(c)
       loop.train_and_evaluate(c, str(tmp_path / f"run{i}"), methods.get(c.method))
     for kind in ("taef2", "autoencoder_kl"):
@@ -396,7 +401,8 @@ def test_every_field_of_every_shipped_config_is_read(tmp_path, monkeypatch, shar
   read = set(rec.read)
   # The benchmark section is read by launch/benchmark.py, exercised by tests/test_benchmark.py.
   bench_code = " ".join(_code((REPO / f).read_text()) for f in ("launch/benchmark.py",
-                                                                 "mediclip_jax/methods/mediclip_bench.py"))
+                                                                 "mediclip_jax/methods/mediclip_bench.py",
+                                                                 "mediclip_jax/methods/latent_diffusion_bench.py"))
   for name in ALL_CONFIGS:
     unread = []
     for p in leaf_paths(load_config(name)):

@@ -118,7 +118,7 @@ def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters_and_metrics(
   resume_to_the_uninterrupted_run(_train_cmd(wd), wd, step, uninterrupted, launcher_env())
 
 
-def test_predict_writes_rows_summary_and_panels_as_for_mediclip(uninterrupted, tmp_path):
+def test_predict_writes_rows_summary_panels_and_reconstructions(uninterrupted, tmp_path):
   data = uninterrupted / "phantom_data" / "images" / "test"
   images = [sorted((data / "normal").glob("*.png"))[0], sorted((data / "abnormal").glob("*.png"))[0]]
   listing = tmp_path / "inputs.txt"
@@ -129,7 +129,8 @@ def test_predict_writes_rows_summary_and_panels_as_for_mediclip(uninterrupted, t
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(p.name for p in out.iterdir()) == sorted(
-      [f"{p.stem}_panel.png" for p in images] + ["predictions.json", "predictions.jsonl"])
+      [f"{p.stem}_{kind}.png" for p in images for kind in ("panel", "reconstruction")]
+      + ["predictions.json", "predictions.jsonl"])
   rows = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
   threshold = json.loads((uninterrupted / "results.json").read_text())["decision"]["threshold"]
   assert [r["file"] for r in rows] == [str(p) for p in images]

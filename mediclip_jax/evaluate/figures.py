@@ -170,6 +170,42 @@ def write_panel(path: str, *args, **kwargs) -> None:
   Image.fromarray(anomaly_panel(*args, **kwargs)).save(path)
 
 
+RESIDUAL_SCALE = 0.5  # |x - x_hat| shown on a fixed 0..0.5 scale (grey levels in [0, 1]), comparable across images
+
+
+def reconstruction_panel(image: np.ndarray, reconstruction: np.ndarray, name: str = "") -> np.ndarray:
+  """A reconstruction method's view of one image as a uint8 picture: image | pseudo-healthy reconstruction |
+  residual |x - x_hat| (colour map on a fixed 0..RESIDUAL_SCALE scale), at the model's size, enlarged by
+  pixel repetition to at least 160 px so the titles fit; the name in a header line above."""
+  x = np.asarray(image, np.float32)
+  x = x.mean(-1) if x.ndim == 3 else x
+  r = np.asarray(reconstruction, np.float32)
+  if r.shape != x.shape:
+    raise ValueError(f"reconstruction {r.shape} must have the image's shape {x.shape}")
+  zoom = max(1, -(-160 // min(x.shape)))
+  up = lambda a: np.repeat(np.repeat(a, zoom, axis=0), zoom, axis=1)
+  columns = {"image": rgb_uint8(up(x)), "pseudo-healthy": rgb_uint8(up(r)),
+             f"|x - x_hat|, 0..{RESIDUAL_SCALE:g}": colorize(up(np.abs(x - r)) / RESIDUAL_SCALE)}
+  h, w = columns["image"].shape[:2]
+  fs = _font_size(h)
+  header, gap = 2 * (fs + 6), max(2, w // 64)
+  panel = np.full((header + h, 3 * w + 2 * gap, 3), 255, np.uint8)
+  for i, pix in enumerate(columns.values()):
+    panel[header:, i * (w + gap):i * (w + gap) + w] = pix
+  img = Image.fromarray(panel)
+  draw = ImageDraw.Draw(img)
+  font = ImageFont.load_default(size=fs)
+  draw.text((2, 2), name, fill=(0, 0, 0), font=font)
+  for i, title in enumerate(columns):
+    draw.text((i * (w + gap) + 2, fs + 8), title, fill=(0, 0, 0), font=font)
+  return np.asarray(img)
+
+
+def write_reconstruction(path: str, *args, **kwargs) -> None:
+  """`reconstruction_panel(*args, **kwargs)` saved as a PNG at `path`."""
+  Image.fromarray(reconstruction_panel(*args, **kwargs)).save(path)
+
+
 def _roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(FPR, TPR, precision, recall) over thresholds `score >= t`, ties grouped."""
   order = np.argsort(-scores, kind="stable")

@@ -47,18 +47,21 @@ def stored_config(workdir: str, step: int | None = None) -> tuple[ml_collections
 
 
 def load_run(workdir: str, mesh: Mesh, config: ml_collections.ConfigDict | None = None,
-             dataset: datasets.Dataset | None = None, step: int | None = None) -> Restored:
+             dataset: datasets.Dataset | None = None, step: int | None = None, untrained: bool = False) -> Restored:
   """The method of `workdir` built for scoring (nothing written), its state restored replicated on `mesh`.
 
   `config` (default: the stored one) may change evaluation-side fields (data root, eval batch).
   Without `dataset` the method is built without data (enough to score new images). Without `step`,
   the newest intact checkpoint: damaged newer ones are listed in `problems` (refused instead when the
-  run's `train.checkpoint_fallback` is False).
+  run's `train.checkpoint_fallback` is False). With `untrained`, no checkpoint is read: the state is the
+  method's initial one for the run's config and seed (step 0, no decision threshold), the untrained row.
   """
   stored, stored_step = stored_config(workdir, step)
   config = stored if config is None else config
   method = methods.get(config.method)
   trainable = method.build(config, dataset, workdir, mesh, train=False)
+  if untrained:
+    return Restored(config, trainable, trainable.state, {}, 0)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     if step is not None:
