@@ -66,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.lr = 1e-4
   c.train.weight_decay = 0.0
   c.train.warmup_steps = 100
-  c.train.grad_clip = 1.0            # global gradient norm clip (0 = off)
+  c.train.grad_clip_norm = 1.0         # global gradient norm clip (0 = off)
   c.train.ema_decay = 0.999          # EMA of the weights used for scoring (0 = score the raw weights); warmed up
   c.score = ml_collections.ConfigDict()
   c.score.t_stars = (250,)           # noising depths (timesteps of T); maps are averaged over them
@@ -118,7 +118,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   ssl_views.validate_config(config.augment, AUGMENT_SECTION)
   if not t.lr > 0:
     raise ValueError(f"config.train.lr must be > 0, got {t.lr}")
-  for name in ("weight_decay", "warmup_steps", "grad_clip"):
+  for name in ("weight_decay", "warmup_steps", "grad_clip_norm"):
     if t[name] < 0:
       raise ValueError(f"config.train.{name} must be >= 0, got {t[name]}")
   if not 0.0 <= t.ema_decay < 1.0:
@@ -182,7 +182,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   """AdamW with a linear warm-up to train.lr, then constant (as DiT), after an optional global-norm clip."""
   t = config.train
   lr = optax.linear_schedule(0.0, t.lr, int(t.warmup_steps)) if t.warmup_steps else t.lr
-  chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
+  chain = [optax.clip_by_global_norm(t.grad_clip_norm)] if t.grad_clip_norm else []
   return optax.chain(*chain, optax.adamw(lr, weight_decay=t.weight_decay))
 
 
