@@ -7,6 +7,8 @@ untrained row (the first row's config at step 0, same seeds) beside the trained 
   python launch/ablation.py --plan ssl_anovae --datasets oct_phantom,brainmri,busi --seeds 0,1,2 \
       --out runs/ablation --table docs_table.md
   python launch/ablation.py --plan ssl_anovae_views --datasets oct_phantom --seeds 0,1,2 --out runs/ablation
+  python launch/ablation.py --plan latent_diffusion --datasets phantom,oct_phantom,brainmri,busi --rows 0 \
+      --seeds 0,1,2 --out runs/ldm   # rescoring grids on these runs: launch/evaluate.py --set / --untrained
 """
 from __future__ import annotations
 
@@ -68,6 +70,11 @@ PLANS = {
     "mirage": Plan("configs/mirage.py", "tiny", tuple(
         (f"{name} fp_rate={p}", f"loss={loss},fp_rate={p}") for p in _FP_RATES
         for name, loss in (("InfoNCE", "infonce"), ("MIRAGE", "mirage"))), TEXT_COLUMNS),
+    "latent_diffusion": Plan("configs/latent_diffusion.py", "tiny", (
+        ("latent diffusion (ε, Gaussian noise)", ""),
+        ("v-prediction", "prediction=v"),
+        ("Perlin noise (AnoDDPM-style)", "noise=perlin"),
+    ), DETECTOR_COLUMNS),
     "mirage_chain": Plan("configs/busi.py", "tiny", (
         ("unadapted random-init towers", ""),
         ("InfoNCE-adapted towers (fp_rate=0)", _CHAIN_CKPT % ("{pairs}", 0)),
@@ -201,8 +208,9 @@ def main(argv) -> int:
 
   for name, workdir, cmd in todo:
     print(" ".join(cmd), flush=True)
-    if _DRY.value:
-      continue
+  if _DRY.value:  # the commands only: nothing run, nothing written
+    return 0
+  for name, workdir, cmd in todo:
     while len(running) >= max(1, _JOBS.value):
       time.sleep(1)
       reap(block=False)
