@@ -59,7 +59,11 @@ def load_run(workdir: str, mesh: Mesh, config: ml_collections.ConfigDict | None 
   stored, stored_step = stored_config(workdir, step)
   config = stored if config is None else config
   method = methods.get(config.method)
-  trainable = method.build(config, dataset, workdir, mesh, train=False)
+  try:
+    trainable = method.build(config, dataset, workdir, mesh, train=False)
+  except (AttributeError, KeyError) as e:  # ml_collections: a field the method reads is missing
+    raise ValueError(f"{workdir}: its stored config lacks a field that {config.method} reads now ({e}); the run was "
+                     f"written by an older version of the method: retrain it, or evaluate it with that version") from e
   if untrained:
     return Restored(config, trainable, trainable.state, {}, 0)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
