@@ -6,6 +6,8 @@ every evaluation set, so each evaluation batch is one collective program.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 
 import jax
@@ -56,3 +58,15 @@ def epoch_batch(step: int, k: int, batch_size: int, seed: int) -> tuple[np.ndarr
   perm = rngs.numpy_rng(seed, rngs.DATA, epoch).permutation(k)
   pos = (j * batch_size + np.arange(batch_size)) % k
   return perm[pos].astype(np.int32), (step * batch_size + np.arange(batch_size)).astype(np.int32)
+
+
+def local_index_batches(k: int, batch_size: int, seed: int) -> Callable[[int], dict[str, np.ndarray]]:
+  """step -> this process's rows of `epoch_batch`: {"image_index", "sample_index"}, for a method whose step
+  gathers its images from the replicated in-memory training set (SSL-AnoVAE, latent diffusion)."""
+  sl = process_slice(batch_size)
+
+  def local_batch(step: int) -> dict[str, np.ndarray]:
+    index, sample = epoch_batch(step, k, batch_size, seed)
+    return {"image_index": index[sl], "sample_index": sample[sl]}
+
+  return local_batch

@@ -94,3 +94,17 @@ def resume_to_the_uninterrupted_run(cmd: list[str], workdir: Path, step: int, un
   assert got["last_epoch"].keys() == want["last_epoch"].keys()
   for k, v in want["last_epoch"].items():
     assert (v is None and got["last_epoch"][k] is None) or abs(got["last_epoch"][k] - v) <= metric_tol, k
+
+
+def run_to_completion(cmd: list[str], workdir: Path, env: dict[str, str], timeout: float = 900) -> Path:
+  """Runs a training command that must succeed; its console output is kept as workdir/console.txt."""
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  (Path(workdir) / "console.txt").write_text(proc.stdout + proc.stderr)
+  return Path(workdir)
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+  """The steps of a run's finished checkpoints (its checkpoints/<step> folders), ascending."""
+  d = Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []

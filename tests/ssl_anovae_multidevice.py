@@ -16,7 +16,6 @@ without poking into the closure. Prints one JSON line; tests/test_ssl_anovae_tra
 """
 from __future__ import annotations
 
-import collections
 import json
 import os
 import sys
@@ -33,21 +32,11 @@ from data_pipelines import datasets, oct_phantom  # noqa: E402
 from mediclip_jax import parallel  # noqa: E402
 from mediclip_jax.evaluate import scoring  # noqa: E402
 from mediclip_jax.methods import ssl_anovae  # noqa: E402
+from tests.device_checks import CompileCounter, host, max_diff  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/ssl_anovae.py[:arg], as launch/train.py takes it")
 COMPARED, STEPS, N_EVAL = 3, 6, 11
-COMPILES: collections.Counter = collections.Counter()
-
-
-def _count(event: str, duration: float, **kw) -> None:
-  del duration
-  if event == "/jax/core/compile/backend_compile_duration":
-    COMPILES[str(kw.get("fun_name"))] += 1
-
-
-def host(tree):
-  """A numpy copy (the step donates its input state)."""
-  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+COMPILES = CompileCounter()
 
 
 def run(devices, config, dataset, workdir: str) -> dict:
@@ -73,14 +62,9 @@ def run(devices, config, dataset, workdir: str) -> dict:
           "disc": np.array(discs), "compiles": compiles}
 
 
-def max_diff(a, b) -> float:
-  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
-
-
 def main() -> int:
   flags.FLAGS(sys.argv)
   config = _CONFIG.value
-  jax.monitoring.register_event_duration_secs_listener(_count)
   with tempfile.TemporaryDirectory(prefix="ssl_md_") as tmp:  # the phantoms the launcher generates for `config`
     root = oct_phantom.make_oct_phantom_dataset(os.path.join(tmp, "data"), n_train=config.data.phantom_n_train,
                                                 n_test_normal=1, n_test_abnormal=1, size=config.data.phantom_size,

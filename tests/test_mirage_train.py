@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tests.processes import launcher_env, read_params, resume_to_the_uninterrupted_run, sigterm_after_first_train_row
+from tests.processes import (launcher_env, read_params, resume_to_the_uninterrupted_run, run_to_completion,
+                             sigterm_after_first_train_row)
 
 CONFIG = ["--config", f"{REPO / 'configs' / 'mirage.py'}:phantom_reports,tiny,fp_rate=0.4"]
 # 240 pairs at 64 px: 192 train / 24 val / 24 test; batch 16: 12 steps per epoch, 24 steps; evaluations at
@@ -38,10 +39,7 @@ def _train_cmd(workdir: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
   wd = tmp_path_factory.mktemp("mirage") / "a"
-  proc = subprocess.run(_train_cmd(wd), env=launcher_env(), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  (wd / "console.txt").write_text(proc.stdout + proc.stderr)
-  return wd
+  return run_to_completion(_train_cmd(wd), wd, launcher_env())
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from tests.processes import launcher_env, read_params, resume_to_the_uninterrupted_run, sigterm_after_first_train_row
+from tests.processes import (checkpoint_steps, launcher_env, read_params, resume_to_the_uninterrupted_run,
+                             run_to_completion, sigterm_after_first_train_row)
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +44,6 @@ def _train_cmd(workdir: Path, *extra: str) -> list[str]:
   return [sys.executable, str(REPO / "launch" / "train.py"), *CONFIG, "--workdir", str(workdir), *OVERRIDES,
           "--dump_params", *extra]
 
-
-def _checkpoints(workdir: Path) -> list[int]:
-  d = workdir / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
 def test_one_vs_eight_devices_same_states_losses_maps_and_one_compilation():
@@ -75,10 +72,7 @@ def test_one_vs_eight_devices_same_states_losses_maps_and_one_compilation():
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
   wd = tmp_path_factory.mktemp("ssl_run") / "a"
-  proc = subprocess.run(_train_cmd(wd), env=launcher_env(), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  (wd / "console.txt").write_text(proc.stdout + proc.stderr)
-  return wd
+  return run_to_completion(_train_cmd(wd), wd, launcher_env())
 
 
 def test_run_writes_results_with_staging_and_segmentation_metrics_checkpoints_and_figures(uninterrupted):
@@ -98,7 +92,7 @@ def test_run_writes_results_with_staging_and_segmentation_metrics_checkpoints_an
   assert [l["step"] for l in train] == [2, 4, 6, 8]
   assert all(np.isfinite(l[f"train/{k}"]) for l in train for k in TRAIN_KEYS)
   assert all(l["epoch"] == l["step"] / 2 for l in lines)  # 2 steps per epoch
-  assert _checkpoints(wd) == [STEPS]
+  assert checkpoint_steps(wd) == [STEPS]
   for step in (0, 4, 8):
     assert sorted(p.name for p in (wd / "figures" / f"step_{step:06d}").iterdir()) == FIGURES
   assert any(p.name.startswith("events.out.tfevents") for p in (wd / "tensorboard").rglob("*"))
@@ -113,7 +107,7 @@ def test_run_writes_results_with_staging_and_segmentation_metrics_checkpoints_an
 def test_sigterm_then_resume_ends_with_the_uninterrupted_parameters_and_metrics(uninterrupted, tmp_path):
   wd = tmp_path / "b"
   step = sigterm_after_first_train_row(_train_cmd(wd), wd, launcher_env())
-  assert 2 <= step < STEPS and _checkpoints(wd) == [step]  # periodic checkpoints come only at step 8
+  assert 2 <= step < STEPS and checkpoint_steps(wd) == [step]  # periodic checkpoints come only at step 8
   assert not (wd / "params_process0.npz").exists()
   resume_to_the_uninterrupted_run(_train_cmd(wd), wd, step, uninterrupted, launcher_env())
 

@@ -15,6 +15,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from tests.conftest import REPO
+from tests.processes import checkpoint_steps, run_to_completion
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +49,7 @@ def _final_params(workdir: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
   wd = tmp_path_factory.mktemp("run") / "a"
-  proc = subprocess.run(_train_cmd(wd), env=_env(), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  (wd / "console.txt").write_text(proc.stdout + proc.stderr)
-  return wd
+  return run_to_completion(_train_cmd(wd), wd, _env())
 
 
 def test_results_equal_an_independent_computation(uninterrupted):
@@ -104,10 +102,6 @@ def test_outputs_metrics_tensorboard_checkpoints_console(uninterrupted):
   assert "orbax" not in console.lower()  # third-party INFO logs are off by default
 
 
-def _checkpoints(wd: Path) -> list[int]:
-  d = wd / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
-
 
 def _wait(cond, proc: subprocess.Popen, timeout: float = 600) -> None:
   t0 = time.time()
@@ -132,10 +126,10 @@ def test_sigterm_writes_a_checkpoint_at_its_step_then_kill9_then_resume(uninterr
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 130, err[-3000:]
   step = int(err.split("checkpoint written at step ")[1].split(";")[0])
-  assert 2 <= step < 12 and _checkpoints(wd) == [step]
+  assert 2 <= step < 12 and checkpoint_steps(wd) == [step]
   # 2) kill -9 mid-run: nothing is flushed; the last finished checkpoint survives.
   proc = subprocess.Popen(_train_cmd(wd), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait(lambda: any(s >= step + 2 for s in _checkpoints(wd)), proc)
+  _wait(lambda: any(s >= step + 2 for s in checkpoint_steps(wd)), proc)
   proc.kill()
   proc.wait(timeout=60)
   # 3) rerun to the end: resumes and must land on the uninterrupted run's parameters.

@@ -384,12 +384,7 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
     frozen = {"vae": vae_state, "images": parallel.replicate(images, mesh)}
     train_step = lambda state, batch: step(state, frozen, batch)
 
-  sl = batches.process_slice(bs)
-
-  def local_batch(step: int) -> dict[str, np.ndarray]:
-    index, sample = batches.epoch_batch(step, n, bs, seed)
-    return {"image_index": index[sl], "sample_index": sample[sl]}
-
+  local_batch = batches.local_index_batches(n, bs, seed)
   noise_fields = parallel.replicate(score_noise_fields(config, geometry), mesh)
   s, d = config.score, config.diffusion
   n_params = dit.count_params(model)

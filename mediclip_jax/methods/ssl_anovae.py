@@ -364,12 +364,7 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
     on_device = parallel.replicate(images, mesh)
     train_step = lambda state, batch: step(state, on_device, batch)
 
-  sl = batches.process_slice(bs)
-
-  def local_batch(step: int) -> dict[str, np.ndarray]:
-    index, sample = batches.epoch_batch(step, n, bs, seed)
-    return {"image_index": index[sl], "sample_index": sample[sl]}
-
+  local_batch = batches.local_index_batches(n, bs, seed)
   m = config.model
   counts = {"generator": nets.count_params(model), "discriminator": nets.count_params(disc)}
   notes = [f"SSL-AnoVAE {size} px x {channels} ch, latents {m.latents} (z_I {m.latent_image}, z_S {m.latent_ssl}), "
