@@ -154,6 +154,7 @@ def small_run(tmp_path_factory, shared_dir):
   return c, datasets.load_dataset(data), root
 
 
+@pytest.mark.slow  # 60 steps: ~20 s
 def test_the_loss_falls_on_a_fixed_batch(small_run):
   config, dataset, root = small_run
   mesh = parallel.make_mesh(jax.devices()[:1])
