@@ -61,7 +61,9 @@ def load_run(workdir: str, mesh: Mesh, config: ml_collections.ConfigDict | None 
   method = methods.get(config.method)
   try:
     trainable = method.build(config, dataset, workdir, mesh, train=False)
-  except (AttributeError, KeyError) as e:  # ml_collections: a field the method reads is missing
+  except (AttributeError, KeyError) as e:
+    if isinstance(e, AttributeError) and not isinstance(e.__context__, KeyError):
+      raise  # not ConfigDict's missing-field error (it raises AttributeError from the KeyError): a bug, shown as is
     raise ValueError(f"{workdir}: its stored config lacks a field that {config.method} reads now ({e}); the run was "
                      f"written by an older version of the method: retrain it, or evaluate it with that version") from e
   if untrained:

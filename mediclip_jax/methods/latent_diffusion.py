@@ -112,9 +112,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   geometry = latent_geometry(config)
   side = geometry[0] if geometry else 2 ** 30  # an AutoencoderKL file: the sizes are checked once it is loaded
   dit.validate_config(config.model, side)
-  if d.noise == "perlin" and not 1 <= d.perlin_res * 2 ** (d.perlin_octaves - 1) <= side:
-    raise ValueError(f"config.diffusion.perlin_res x 2^(perlin_octaves - 1) must lie in [1, {side}] (the latent "
-                     f"side), got perlin_res={d.perlin_res}, perlin_octaves={d.perlin_octaves}")
+  check_perlin_lattice(d, side)
   ssl_views.validate_config(config.augment, AUGMENT_SECTION)
   if not t.lr > 0:
     raise ValueError(f"config.train.lr must be > 0, got {t.lr}")
@@ -186,6 +184,18 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.chain(*chain, optax.adamw(lr, weight_decay=t.weight_decay))
 
 
+def denoiser_loss(graphdef, params, z_t: jax.Array, t: jax.Array, target: jax.Array) -> jax.Array:
+  """The DiT's mean squared error against its target (ε or v) on noised latents."""
+  return jnp.mean(jnp.square(nnx.merge(graphdef, params)(z_t, t) - target))
+
+
+def check_perlin_lattice(d: ml_collections.ConfigDict, side: int) -> None:
+  """Perlin noise's finest lattice, perlin_res x 2^(perlin_octaves - 1) cells, must fit the latent side."""
+  if d.noise == "perlin" and not 1 <= d.perlin_res * 2 ** (d.perlin_octaves - 1) <= side:
+    raise ValueError(f"config.diffusion.perlin_res x 2^(perlin_octaves - 1) must lie in [1, {side}] (the latent "
+                     f"side), got perlin_res={d.perlin_res}, perlin_octaves={d.perlin_octaves}")
+
+
 def score_weights(state: dict, ema: bool):
   return state["ema"] if ema else state["params"]
 
@@ -219,17 +229,13 @@ def make_train_step(graphdef, codec: mix.Codec, config: ml_collections.ConfigDic
   per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.DATA), P(parallel.DATA)),
                              out_specs=P(parallel.DATA), check_vma=False)
 
-  def loss_fn(params, z_t, t, target):
-    out = nnx.merge(graphdef, params)(z_t, t)
-    return jnp.mean(jnp.square(out - target))
-
   def step(state, frozen, batch):
     x = jnp.take(frozen["images"], batch["image_index"], axis=0)
     x, t, noise = per_device(state["step"], x, batch["sample_index"])
     z0 = jax.lax.stop_gradient(standardise(codec.encode(frozen["vae"], x), state["latent_norm"]))
     z_t = dp.q_sample(schedule, z0, t, noise)
     target = diffusion_target(schedule, z0, t, noise, d.prediction)
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], z_t, t, target)
+    loss, grads = jax.value_and_grad(denoiser_loss, argnums=1)(graphdef, state["params"], z_t, t, target)
     updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {**state, "step": state["step"] + 1, "params": params, "opt": opt_state}
@@ -359,8 +365,7 @@ def build(config: ml_collections.ConfigDict, dataset: datasets.Dataset | None, w
 
   vae = vae_lib.load_vae(config.vae)
   geometry = side, channels = latent_geometry(config, vae)
-  if config.diffusion.noise == "perlin" and config.diffusion.perlin_res * 2 ** (config.diffusion.perlin_octaves - 1) > side:
-    raise ValueError(f"config.diffusion.perlin_res x 2^(perlin_octaves - 1) must be <= the latent side {side}")
+  check_perlin_lattice(config.diffusion, side)  # validate could not: an AutoencoderKL file sets the side
   codec = vae_lib.codec(vae)
   vae_state = parallel.replicate(codec.state, mesh)
   codec = codec._replace(state=vae_state)

@@ -34,6 +34,8 @@ Checked against XLA's count of the compiled programs (tests/test_benchmark_laten
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -103,11 +105,9 @@ def make_denoiser_stage(graphdef, mesh: Mesh):
   """Jitted `f(params, z_t, t, target) -> (loss, grads)`: the DiT's mean squared error and its weight gradients,
   as the step computes them (no optimizer update)."""
 
-  def loss_fn(params, z_t, t, target):
-    return jnp.mean(jnp.square(nnx.merge(graphdef, params)(z_t, t) - target))
-
+  loss_and_grads = functools.partial(jax.value_and_grad(ld.denoiser_loss, argnums=1), graphdef)
   rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return jax.jit(jax.value_and_grad(loss_fn), in_shardings=(rep, data, data, data), out_shardings=(rep, rep))
+  return jax.jit(loss_and_grads, in_shardings=(rep, data, data, data), out_shardings=(rep, rep))
 
 
 def bench_parts(config: ml_collections.ConfigDict, mesh: Mesh, trainable: Trainable) -> BenchParts:
