@@ -1,5 +1,5 @@
-"""Helpers of the scripts that run a method on a 1-device and an 8-device mesh and compare them
-(tests/ssl_anovae_multidevice.py, tests/latent_diffusion_multidevice.py). Import after XLA_FLAGS is set."""
+"""Helpers of the scripts that run on 8 fake devices and compare with 1 (tests/method_multidevice.py). Import
+after XLA_FLAGS is set."""
 from __future__ import annotations
 
 import collections

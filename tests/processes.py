@@ -6,10 +6,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def free_port() -> int:
@@ -108,3 +110,29 @@ def checkpoint_steps(workdir: Path) -> list[int]:
   """The steps of a run's finished checkpoints (its checkpoints/<step> folders), ascending."""
   d = Path(workdir) / "checkpoints"
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def one_vs_eight(config_flags: list[str]) -> dict:
+  """Runs tests/method_multidevice.py with a training run's config flags; its JSON result."""
+  from tests.conftest import REPO
+  proc = subprocess.run([sys.executable, str(REPO / "tests" / "method_multidevice.py"), *config_flags],
+                        env=launcher_env(), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  print(res)
+  return res
+
+
+def assert_one_vs_eight(res: dict, trained_parts: tuple[str, ...]) -> None:
+  """What every method's 1-vs-8 result must show: each trained state part the same to 1e-5 on both meshes after
+  the compared steps and changed by them far beyond that; the loss the same; six steps compiled once per mesh;
+  the same state scoring 11 padded images the same way on both."""
+  for part in trained_parts:
+    assert res[f"max_{part}_diff"] <= 1e-5, (part, res)
+    assert res[f"{part}_change_1"] > 10 * max(res[f"max_{part}_diff"], 1e-8), (part, res)
+    assert res[f"{part}_change_8"] == pytest.approx(res[f"{part}_change_1"], rel=0.01), (part, res)
+  assert res["max_metric_diff"]["loss"] <= 1e-5, res
+  # Six steps, one compilation each (and nothing else compiled while stepping).
+  assert list(res["compiles_1"].values()) == [1] and list(res["compiles_8"].values()) == [1], res
+  assert res["eval_n"] == 11 and res["eval_score_spread"] > 1e-4
+  assert res["eval_map_diff"] <= 1e-5 and res["eval_score_diff"] <= 1e-5, res

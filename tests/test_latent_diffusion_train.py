@@ -3,7 +3,7 @@ devices (same steps, one compilation, same maps), a run that trains, evaluates a
 resume to the same parameters, predict (panels with the pseudo-healthy reconstruction) and evaluate (the last
 epoch reproduced; scoring settings changed with --set) on the trained run.
 
-Every launcher runs as a subprocess (their absl flags collide in one process); the multi-device script takes
+Every launcher runs as a subprocess (their absl flags collide in one process); tests/method_multidevice.py takes
 the training run's config flags.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.processes import (checkpoint_steps, launcher_env, read_params, resume_to_the_uninterrupted_run,
-                             run_to_completion, sigterm_after_first_train_row)
+from tests.processes import (assert_one_vs_eight, checkpoint_steps, launcher_env, one_vs_eight, read_params,
+                             resume_to_the_uninterrupted_run, run_to_completion, sigterm_after_first_train_row)
 
 pytestmark = pytest.mark.slow
 
@@ -46,21 +46,12 @@ def _train_cmd(workdir: Path, *extra: str) -> list[str]:
 
 def test_one_vs_eight_devices_same_parameters_losses_maps_and_one_compilation():
   """3 steps on 1 and on 8 devices agree in parameters and EMA (1e-5); 6 steps compile the step once per mesh."""
-  proc = subprocess.run([sys.executable, str(REPO / "tests" / "latent_diffusion_multidevice.py"), *CONFIG,
-                         *OVERRIDES], env=launcher_env(), capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads(proc.stdout.strip().splitlines()[-1])
-  print(res)
-  assert res["n_devices"] == 8 and res["batch_size"] == 8 and res["image_size"] == 32
-  assert res["augment"] == "grey"  # flips, rotation, crops, intensity, blur and noise drawn per sample
-  for part in ("params", "ema"):
-    assert res[f"max_{part}_diff"] <= 1e-5, (part, res)
-    assert res[f"{part}_change_1"] > 10 * max(res[f"max_{part}_diff"], 1e-8), (part, res)
-    assert res[f"{part}_change_8"] == pytest.approx(res[f"{part}_change_1"], rel=0.01), (part, res)
-  assert res["max_loss_diff"] <= 1e-5 and res["latent_norm_diff"] <= 1e-5, res
-  assert list(res["compiles_1"].values()) == [1] and list(res["compiles_8"].values()) == [1], res
-  assert res["eval_n"] == 11 and res["eval_score_spread"] > 1e-4
-  assert res["eval_map_diff"] <= 1e-5 and res["eval_score_diff"] <= 1e-5, res
+  res = one_vs_eight([*CONFIG, *OVERRIDES])
+  c = res["config"]
+  assert res["n_devices"] == 8 and c["train"]["batch_size"] == 8 and c["data"]["image_size"] == 32
+  assert c["augment"]["preset"] == "grey"  # flips, rotation, crops, intensity, blur and noise drawn per sample
+  assert_one_vs_eight(res, ("params", "ema"))
+  assert res["max_latent_norm_diff"] <= 1e-5, res
 
 
 @pytest.fixture(scope="module")
